@@ -1,0 +1,151 @@
+"""The masked forward pass: one functional forward over the HF model's own parameters, under any mix of
+weight, neuron, head and edge masks.
+
+Masks are a flat mapping `key -> tensor` (absent key = all ones):
+    w/<hf param name>   same shape as that parameter         (weight granularity)
+    neuron/{l}          (d_mlp,)  scales MLP hidden unit i    (neuron granularity)
+    head/{l}            (n_heads,) scales head h's whole output, its output-bias share included, i.e. the node
+    edge/...            see graph.py                          (edge granularity)
+
+With edge masks, each reader reads its own masked sum of earlier writers. The writers' outputs are kept as a
+list of per-layer chunks (no growing torch.cat, so each activation is stored once for backward): memory for
+the stack is n_writers * B * T * D floats (SmolLM2, 301 writers, B=64, T=12: 0.5 GB fp32), and each reader
+group costs one matmul per chunk. Without edge masks only the running residual sum is kept.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .arch import ArchView, rotate_half
+
+Masks = Mapping[str, Tensor]
+
+
+class _Stream:
+    """The residual stream as its writers' outputs: chunks of shape (n, B, T, D), plus their plain sum."""
+
+    def __init__(self, keep_chunks: bool):
+        self.keep_chunks = keep_chunks
+        self.chunks: list[Tensor] = []
+        self.total: Optional[Tensor] = None  # (B, T, D)
+
+    def add(self, chunk: Tensor) -> None:  # chunk (n, B, T, D)
+        if self.keep_chunks:
+            self.chunks.append(chunk)
+        s = chunk.sum(0)
+        self.total = s if self.total is None else self.total + s
+
+    def read(self, mask: Optional[Tensor]) -> Tensor:
+        """mask (W, R) -> (R, B, T, D); mask (W,) -> (B, T, D); None -> the plain sum, as (1, B, T, D)."""
+        if mask is None:
+            return self.total.unsqueeze(0)
+        single = mask.dim() == 1
+        m = mask.unsqueeze(1) if single else mask  # (W, R)
+        out, row = None, 0
+        for chunk in self.chunks:
+            n = chunk.shape[0]
+            part = m[row:row + n].t().to(chunk.dtype) @ chunk.reshape(n, -1)  # (R, B*T*D)
+            out = part if out is None else out + part
+            row += n
+        assert row == m.shape[0], f"edge mask has {m.shape[0]} writer rows, stream has {row}"
+        out = out.reshape(m.shape[1], *self.chunks[0].shape[1:])  # (R, B, T, D)
+        return out[0] if single else out
+
+
+def default_position_ids(attention_mask: Tensor) -> Tensor:
+    """Positions that count only real tokens, so a left-padded prompt sees the positions it would unpadded."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, T)
+
+
+def _attn_bias(attention_mask: Tensor, dtype: torch.dtype) -> Tensor:
+    """(B, T) padding mask -> (B, 1, T, T) additive causal+padding bias. Finite minimum, not -inf, so a
+    fully masked row (a pad query under left padding) gives a harmless uniform softmax instead of NaN."""
+    b, t = attention_mask.shape
+    causal = torch.ones(t, t, dtype=torch.bool, device=attention_mask.device).tril()
+    allowed = causal[None] & attention_mask.bool()[:, None, :]  # (B, T, T)
+    bias = torch.zeros(b, 1, t, t, dtype=dtype, device=attention_mask.device)
+    return bias.masked_fill(~allowed[:, None], torch.finfo(dtype).min)
+
+
+def _linear_heads(x: Tensor, w: Tensor, b: Optional[Tensor]) -> Tensor:
+    """x (R, B, T, D) with R in {1, n}, w (n, D, e), b (n, e) -> (n, B, T, e)."""
+    r, bsz, t, d = x.shape
+    y = torch.matmul(x.reshape(r, bsz * t, d), w)  # (n, B*T, e)
+    if b is not None:
+        y = y + b[:, None, :]
+    return y.reshape(w.shape[0], bsz, t, w.shape[2])
+
+
+def _apply_rope(x: Tensor, rope: Optional[tuple[Tensor, Tensor]]) -> Tensor:
+    if rope is None:
+        return x
+    cos, sin = rope  # (B, T, hd)
+    return x * cos[None] + rotate_half(x) * sin[None]  # (n, B, T, hd)
+
+
+def masked_forward(
+    view: ArchView,
+    input_ids: Tensor,
+    *,
+    attention_mask: Optional[Tensor] = None,
+    position_ids: Optional[Tensor] = None,
+    masks: Optional[Masks] = None,
+) -> Tensor:
+    """Logits (B, T, V) of `view.model` on `input_ids` (B, T) under `masks`."""
+    masks = masks or {}
+    spec = view.spec
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    if position_ids is None:
+        position_ids = default_position_ids(attention_mask)
+
+    def w(name: str) -> Tensor:
+        p = view.model.get_parameter(name)
+        m = masks.get("w/" + name)
+        return p if m is None else p * m
+
+    stream = _Stream(keep_chunks=any(k.startswith("edge/") for k in masks))
+    x_in = view.embed(input_ids, position_ids)  # (B, T, D)
+    stream.add(x_in.unsqueeze(0))
+    bias = _attn_bias(attention_mask, x_in.dtype)  # (B, 1, T, T)
+    rope = view.rope(x_in, position_ids)
+    group = spec.n_heads // spec.n_kv_heads
+
+    for layer in range(spec.n_layers):
+        a = view.attn(layer, w)
+        xq, xk, xv = (stream.read(masks.get(f"edge/{layer}/{s}")) for s in "qkv")  # (R, B, T, D) each
+        q = _apply_rope(_linear_heads(view.norm("attn", layer, xq), a.wq, a.bq), rope)  # (H, B, T, hd)
+        k = _apply_rope(_linear_heads(view.norm("attn", layer, xk), a.wk, a.bk), rope)  # (KV, B, T, hd)
+        v = _linear_heads(view.norm("attn", layer, xv), a.wv, a.bv)  # (KV, B, T, hd)
+        k, v = k.repeat_interleave(group, dim=0), v.repeat_interleave(group, dim=0)  # (H, B, T, hd)
+        z = F.scaled_dot_product_attention(
+            q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=bias, scale=spec.attn_scale
+        ).transpose(0, 1)  # (H, B, T, hd)
+        h, bsz, t, hd = z.shape
+        heads = torch.matmul(z.reshape(h, bsz * t, hd), a.wo).reshape(h, bsz, t, -1)  # (H, B, T, D)
+        if a.bo is not None:
+            heads = heads + a.bo / h  # each head writes its share of the output bias
+        head_mask = masks.get(f"head/{layer}")
+        if head_mask is not None:
+            heads = heads * head_mask[:, None, None, None]
+        stream.add(heads)
+
+        m = view.mlp(layer, w)
+        xm = view.norm("mlp", layer, stream.read(masks.get(f"edge/{layer}/mlp")))  # (B, T, D) or (1, B, T, D)
+        hidden = xm @ m.w_in + (m.b_in if m.b_in is not None else 0)  # (..., B, T, I)
+        if m.w_gate is not None:
+            hidden = view.act(xm @ m.w_gate + (m.b_gate if m.b_gate is not None else 0)) * hidden
+        else:
+            hidden = view.act(hidden)
+        neuron_mask = masks.get(f"neuron/{layer}")
+        if neuron_mask is not None:
+            hidden = hidden * neuron_mask
+        out = hidden @ m.w_out + (m.b_out if m.b_out is not None else 0)  # (..., B, T, D)
+        stream.add(out.reshape(1, bsz, t, -1))
+
+    return view.unembed(stream.read(masks.get("edge/out")).reshape(bsz, t, -1))  # (B, T, V)

@@ -149,3 +149,18 @@ def masked_forward(
         stream.add(out.reshape(1, bsz, t, -1))
 
     return view.unembed(stream.read(masks.get("edge/out")).reshape(bsz, t, -1))  # (B, T, V)
+
+
+def mask_shapes(view: ArchView, granularity: tuple[str, ...] | list[str]) -> dict[str, tuple[int, ...]]:
+    """Every mask key, with its shape, that the given granularities train on this model."""
+    spec, graph = view.spec, view.graph
+    shapes: dict[str, tuple[int, ...]] = {}
+    if "weight" in granularity:
+        shapes.update({"w/" + n: tuple(p.shape) for n, p in view.maskable().items()})
+    if "neuron" in granularity:
+        shapes.update({f"neuron/{l}": (spec.d_mlp,) for l in range(spec.n_layers)})
+    if "head" in granularity:
+        shapes.update(graph.head_shapes())
+    if "edge" in granularity:
+        shapes.update(graph.edge_shapes())
+    return shapes

@@ -1,0 +1,144 @@
+"""The Sheaf artifact: mask logits plus what they were learned for, saved as a folder and validated on load.
+
+Folder layout (DESIGN.md section 3): `sheaf.json` (identity, densities, metrics, resolved config,
+versions), `masks.safetensors` (mask logits, keyed as in masked.py), `metrics.jsonl` (training curve).
+The sheaf's deterministic masks keep a unit iff its logit > 0.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from .errors import UserError
+from .io import atomic_dir, read_json, write_json
+
+FORMAT = "sheafprune.sheaf/1"
+MASK_TYPES = ("weight", "neuron", "head", "edge")
+_PREFIX = {"weight": "w/", "neuron": "neuron/", "head": "head/", "edge": "edge/"}
+
+
+def mask_type(key: str) -> str:
+    for t, prefix in _PREFIX.items():
+        if key.startswith(prefix):
+            return t
+    raise ValueError(f"not a mask key: {key!r}")
+
+
+def versions() -> dict[str, str]:
+    out = {}
+    for pkg in ("sheafprune", "torch", "transformers", "accelerate", "safetensors"):
+        try:
+            out[pkg] = importlib.metadata.version(pkg)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+@dataclass
+class Sheaf:
+    logits: dict[str, Tensor]  # mask key -> logits
+    meta: dict[str, Any] = field(default_factory=dict)  # the content of sheaf.json
+
+    @property
+    def model_name(self) -> str:
+        return self.meta["model"]["name"]
+
+    @property
+    def fingerprint(self) -> str:
+        return self.meta["model"]["fingerprint"]
+
+    @property
+    def task(self) -> str:
+        return self.meta["task"]
+
+    @property
+    def granularity(self) -> list[str]:
+        return list(self.meta["granularity"])
+
+    def masks(self) -> dict[str, Tensor]:
+        """The deterministic sheaf: keep iff logit > 0."""
+        return {k: (v > 0).float() for k, v in self.logits.items()}
+
+    def complement_masks(self) -> dict[str, Tensor]:
+        """Everything the sheaf pruned (only the trained mask types are flipped; DESIGN.md defect 2)."""
+        return {k: 1.0 - m for k, m in self.masks().items()}
+
+    def density(self) -> dict[str, float]:
+        return density_of(self.masks())
+
+
+def density_of(masks: dict[str, Tensor]) -> dict[str, float]:
+    """Kept fraction per mask type (over all entries of that type)."""
+    kept: dict[str, float] = {}
+    total: dict[str, int] = {}
+    for k, m in masks.items():
+        t = mask_type(k)
+        kept[t] = kept.get(t, 0.0) + float(m.sum())
+        total[t] = total.get(t, 0) + m.numel()
+    return {t: kept[t] / total[t] for t in kept}
+
+
+def save_sheaf(sheaf: Sheaf, out: Path, *, overwrite: bool = False, extra_files: Optional[dict[str, Path]] = None) -> Path:
+    """Write the sheaf folder atomically. `extra_files` (name -> existing path) are copied in (e.g. metrics.jsonl)."""
+    meta = dict(sheaf.meta)
+    meta["format"] = FORMAT
+    meta.setdefault("versions", versions())
+    with atomic_dir(Path(out), overwrite=overwrite) as tmp:
+        save_file({k: v.detach().float().contiguous().cpu() for k, v in sheaf.logits.items()},
+                  str(tmp / "masks.safetensors"))
+        write_json(tmp / "sheaf.json", meta)
+        for name, src in (extra_files or {}).items():
+            (tmp / name).write_bytes(Path(src).read_bytes())
+        if not (tmp / "metrics.jsonl").exists():
+            (tmp / "metrics.jsonl").write_text("")
+    return Path(out)
+
+
+def load_sheaf(path: Path) -> Sheaf:
+    """Read and validate a sheaf folder; every problem is a one-line UserError."""
+    path = Path(path)
+    if not path.is_dir():
+        raise UserError(f"sheaf folder {path} does not exist; run `sheafprune discover ... --out {path}` first")
+    if (path / "model.safetensors").exists() and not (path / "masks.safetensors").exists():
+        raise UserError(f"{path} is an export folder, not a sheaf folder; pass the folder `sheafprune discover` wrote")
+    meta = read_json(path / "sheaf.json", what="sheaf")
+    if meta.get("format") != FORMAT:
+        raise UserError(f"{path}/sheaf.json has format {meta.get('format')!r}, expected {FORMAT!r}; "
+                        "re-run discovery with this version of sheafprune")
+    for key in ("model", "task", "granularity"):
+        if key not in meta:
+            raise UserError(f"{path}/sheaf.json lacks the key {key!r}; the file is damaged, re-run discovery")
+    masks_file = path / "masks.safetensors"
+    if not masks_file.exists():
+        raise UserError(f"{masks_file} is missing; the sheaf folder is incomplete, re-run discovery")
+    try:
+        logits = load_file(str(masks_file))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise UserError(f"{masks_file} is truncated or corrupt ({e}); re-run discovery") from None
+    for k, v in logits.items():
+        try:
+            mask_type(k)
+        except ValueError:
+            raise UserError(f"{masks_file} holds an unknown tensor {k!r}; it is not a sheafprune mask file") from None
+        if not torch.isfinite(v).all():
+            raise UserError(f"{masks_file}: tensor {k!r} has NaN/inf logits; the file is corrupt, re-run discovery")
+    return Sheaf(logits=logits, meta=meta)
+
+
+def check_sheaf_matches(sheaf: Sheaf, *, expected_shapes: dict[str, tuple[int, ...]], fingerprint: str) -> None:
+    """Refuse a sheaf made for another model: fingerprint first, then every mask's shape."""
+    if sheaf.fingerprint != fingerprint:
+        raise UserError(f"this sheaf was made for model {sheaf.model_name!r} with fingerprint "
+                        f"{sheaf.fingerprint[:12]}, not the loaded model ({fingerprint[:12]}); pass the same --model")
+    for k, v in sheaf.logits.items():
+        if k not in expected_shapes or tuple(v.shape) != tuple(expected_shapes[k]):
+            raise UserError(f"mask {k!r} has shape {tuple(v.shape)}, the model expects "
+                            f"{expected_shapes.get(k)}; the sheaf does not belong to this model")

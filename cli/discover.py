@@ -1,0 +1,51 @@
+"""`sheafprune discover`: learn a sheaf and write its folder."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from sheafprune.config import DiscoverConfig, resolve_config
+
+
+def add_discover_options(p: argparse.ArgumentParser, *, required: bool = True) -> None:
+    """Options shared by `discover` and `export --model ... --task ...`."""
+    p.add_argument("--model", help="model name (see `sheafprune models`), HF folder or hub id")
+    p.add_argument("--task", help="task name (see `sheafprune tasks`)")
+    p.add_argument("--granularity", help="any of weight,neuron,head,edge (default weight,edge)")
+    p.add_argument("--target-density", dest="target_density", help="kept fraction per type, e.g. weight=0.03,edge=0.03")
+    p.add_argument("--schedule", choices=("joint", "staged"), help="joint (default) or DiscoGP's staged weights-then-edges")
+    p.add_argument("--gate", choices=("concrete", "hard_concrete"))
+    p.add_argument("--steps", type=int)
+    p.add_argument("--batch-size", dest="batch_size", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--n-items", dest="n_items", type=int, help="number of generated items (ioi)")
+    p.add_argument("--config", type=Path, help="YAML file of options (CLI flags override it)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run from its checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
+
+
+def config_from_args(args: argparse.Namespace) -> DiscoverConfig:
+    keys = ("model", "task", "granularity", "target_density", "schedule", "gate", "steps", "batch_size", "lr",
+            "seed", "n_items")
+    return resolve_config(yaml_path=args.config, overrides={k: getattr(args, k, None) for k in keys})
+
+
+def _run(args: argparse.Namespace) -> int:
+    from sheafprune.discover import discover
+
+    cfg = config_from_args(args)
+    sheaf = discover(cfg, out=args.out, resume=args.resume, overwrite=args.overwrite)
+    d = ", ".join(f"{k} {v:.2%}" for k, v in sheaf.density().items())
+    m = sheaf.meta.get("metrics", {})
+    print(f"sheaf written to {args.out}: kept {d}; test accuracy full {m.get('full_accuracy', float('nan')):.3f}, "
+          f"sheaf {m.get('sheaf_accuracy', float('nan')):.3f}, complement {m.get('complement_accuracy', float('nan')):.3f}")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("discover", help="learn a sheaf (joint weight/edge pruning)")
+    add_discover_options(p)
+    p.add_argument("--out", type=Path, default=Path("exports/sheaf"), help="sheaf folder to write")
+    p.set_defaults(func=_run)

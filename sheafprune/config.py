@@ -1,0 +1,121 @@
+"""Discovery options: one frozen dataclass is the only home of defaults; defaults < YAML < CLI.
+
+Unknown keys and out-of-range values are UserErrors. The resolved config is saved in every sheaf.json.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+import yaml
+
+from .errors import UserError
+
+GRANULARITIES = ("weight", "neuron", "head", "edge")
+GATES = ("concrete", "hard_concrete")
+SCHEDULES = ("joint", "staged")
+
+
+@dataclass(frozen=True)
+class DiscoverConfig:
+    model: str = "smollm2-135m"
+    task: str = "ioi"
+    granularity: tuple[str, ...] = ("weight", "edge")
+    # Kept fraction to reach per mask type; a type without a target is only pushed by the sparsity loss.
+    target_density: Mapping[str, float] = field(default_factory=lambda: {"weight": 0.05, "edge": 0.05})
+    schedule: str = "joint"  # "joint": all mask types together; "staged": DiscoGP's weights-then-edges
+    gate: str = "concrete"  # "concrete" (DiscoGP's straight-through binary concrete) | "hard_concrete"
+    steps: int = 300  # optimizer steps (each stage gets all of them in "staged")
+    batch_size: int = 32  # global batch, split across processes
+    lr: float = 0.1  # AdamW on mask logits
+    lr_multiplier: float = 0.1  # lr of the Lagrange multipliers, relative to lr
+    lambda_complete: float = 1.0  # weight of the completeness loss
+    warmup: float = 0.6  # fraction of steps over which the density target ramps from 1 down to its value
+    tau_weight: float = 0.01
+    tau_edge: float = 1.0
+    init_mean: float = 1.0
+    init_std: float = 0.01
+    n_items: Optional[int] = None  # task size where the task generates items (ioi)
+    filter_correct: bool = False  # keep only items the full model gets right
+    eval_every: int = 25
+    checkpoint_every: int = 50
+    early_stop: bool = True  # stop once every target is met and dev accuracy holds
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        bad = [g for g in self.granularity if g not in GRANULARITIES]
+        if bad or not self.granularity:
+            raise UserError(f"unknown granularity {','.join(bad) or '(empty)'}; use any of {','.join(GRANULARITIES)}")
+        for t, d in self.target_density.items():
+            if t not in self.granularity:
+                raise UserError(f"--target-density names {t!r}, which is not in --granularity {','.join(self.granularity)}")
+            if not (0.0 < float(d) <= 1.0):
+                raise UserError(f"target density {t}={d} is outside (0, 1]")
+        if self.gate not in GATES:
+            raise UserError(f"unknown gate {self.gate!r}; use one of {', '.join(GATES)}")
+        if self.schedule not in SCHEDULES:
+            raise UserError(f"unknown schedule {self.schedule!r}; use one of {', '.join(SCHEDULES)}")
+        for name in ("steps", "batch_size", "eval_every", "checkpoint_every"):
+            if int(getattr(self, name)) <= 0:
+                raise UserError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise UserError(f"--lr must be positive, got {self.lr}")
+        if not (0.0 <= self.warmup <= 1.0):
+            raise UserError(f"warmup must be in [0, 1], got {self.warmup}")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["granularity"] = list(self.granularity)
+        d["target_density"] = dict(self.target_density)
+        return d
+
+
+def parse_density(text: str) -> dict[str, float]:
+    """'weight=0.03,edge=0.03' -> {'weight': 0.03, 'edge': 0.03}."""
+    out: dict[str, float] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, sep, value = part.partition("=")
+        try:
+            if not sep:
+                raise ValueError
+            out[name.strip()] = float(value)
+        except ValueError:
+            raise UserError(f"bad --target-density {text!r}; write it as weight=0.03,edge=0.03") from None
+    return out
+
+
+def resolve_config(*, yaml_path: Optional[Path] = None, overrides: Optional[Mapping[str, Any]] = None) -> DiscoverConfig:
+    """defaults < YAML file < explicit overrides (from the CLI); unknown keys raise."""
+    values: dict[str, Any] = {}
+    if yaml_path is not None:
+        try:
+            loaded = yaml.safe_load(Path(yaml_path).read_text()) or {}
+        except FileNotFoundError:
+            raise UserError(f"config file {yaml_path} does not exist") from None
+        except yaml.YAMLError as e:
+            raise UserError(f"config file {yaml_path} is not valid YAML: {str(e).splitlines()[0]}") from None
+        if not isinstance(loaded, dict):
+            raise UserError(f"config file {yaml_path} must be a mapping of option: value")
+        values.update(loaded)
+    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    known = {f.name for f in dataclasses.fields(DiscoverConfig)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise UserError(f"unknown config key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    if isinstance(values.get("granularity"), str):
+        values["granularity"] = tuple(g.strip() for g in values["granularity"].split(",") if g.strip())
+    elif "granularity" in values:
+        values["granularity"] = tuple(values["granularity"])
+    if isinstance(values.get("target_density"), str):
+        values["target_density"] = parse_density(values["target_density"])
+    if "granularity" in values and "target_density" not in values:
+        # The default targets only make sense for the granularities asked for.
+        default = DiscoverConfig().target_density
+        values["target_density"] = {k: v for k, v in default.items() if k in values["granularity"]}
+    try:
+        return DiscoverConfig(**values)
+    except TypeError as e:
+        raise UserError(f"bad config value: {e}") from None

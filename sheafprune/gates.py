@@ -1,0 +1,66 @@
+"""Gates turn mask logits into masks: a stochastic, differentiable sample while training, a hard 0/1
+decision (keep iff logit > 0) at test time. Each gate is one small function pair, swappable by name.
+
+- concrete: DiscoGP's binary-concrete gate with a straight-through estimator. Forward is hard,
+  keep = 1[logit + L > 0] with L ~ Logistic(0, 1), so P(keep) = sigmoid(logit); backward uses
+  d/dlogit sigmoid((logit + L) / tau).
+- hard_concrete: Louizos et al.'s stretched-and-clamped concrete (L0 regularization); exact zeros and ones
+  with a true gradient in between; P(nonzero) = sigmoid(logit - beta * log(-lo / hi)).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor
+
+_EPS = 1e-6
+
+
+def logistic_noise(shape: torch.Size, *, generator: Optional[torch.Generator], device=None) -> Tensor:
+    u = torch.rand(shape, generator=generator, device=device).clamp_(_EPS, 1 - _EPS)
+    return torch.log(u) - torch.log1p(-u)
+
+
+def concrete_sample(logits: Tensor, noise: Tensor, tau: float) -> Tensor:
+    x = logits + noise
+    soft = torch.sigmoid(x / tau)
+    hard = (x > 0).to(logits.dtype)
+    return hard + soft - soft.detach()  # value: hard; gradient: soft's
+
+
+def concrete_p_keep(logits: Tensor) -> Tensor:
+    return torch.sigmoid(logits)
+
+
+_BETA, _LO, _HI = 2.0 / 3.0, -0.1, 1.1
+
+
+def hard_concrete_sample(logits: Tensor, noise: Tensor, tau: float) -> Tensor:
+    # tau is unused: the hard-concrete temperature is its fixed beta (2/3, as in Louizos et al.)
+    s = torch.sigmoid((logits + noise) / _BETA)
+    return (s * (_HI - _LO) + _LO).clamp(0.0, 1.0)
+
+
+def hard_concrete_p_keep(logits: Tensor) -> Tensor:
+    return torch.sigmoid(logits - _BETA * math.log(-_LO / _HI))
+
+
+@dataclass(frozen=True)
+class Gate:
+    sample: Callable[[Tensor, Tensor, float], Tensor]  # (logits, logistic noise, tau) -> mask
+    p_keep: Callable[[Tensor], Tensor]  # expected kept fraction per entry (the sparsity loss)
+
+
+GATES: dict[str, Gate] = {
+    "concrete": Gate(concrete_sample, concrete_p_keep),
+    "hard_concrete": Gate(hard_concrete_sample, hard_concrete_p_keep),
+}
+
+
+def deterministic(logits: Tensor) -> Tensor:
+    """The test-time mask of every gate: keep iff logit > 0."""
+    return (logits > 0).to(logits.dtype)

@@ -1,0 +1,80 @@
+"""What a sheaf is trained for and judged by: faithfulness on the task, completeness of what was pruned
+away, expected density per mask type, and the accuracies / KL reported for full model, sheaf and complement.
+
+All task losses work on candidate scores (B, C) from `tasks.score`: the candidates' logits for next-token
+tasks, the sentences' total log-probabilities for whole-sentence pairs.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .arch import ArchView
+from .masked import masked_forward
+from .tasks import Batch, Task, encode, score
+
+
+def task_scores(view: ArchView, batch: Batch, masks: Optional[Mapping[str, Tensor]]) -> Tensor:
+    logits = masked_forward(view, batch.input_ids, attention_mask=batch.attention_mask,
+                            position_ids=batch.position_ids, masks=masks)  # (N, T, V)
+    return score(logits, batch)  # (B, C)
+
+
+def faithfulness(scores: Tensor, target: Tensor) -> Tensor:
+    """CE over the candidates toward the right one (DiscoGP's two-way CE; multi-class CE over the answers)."""
+    return F.cross_entropy(scores, target)
+
+
+def completeness(scores: Tensor) -> Tensor:
+    """CE toward the uniform distribution over candidates: the pruned-away part should be at chance."""
+    return -F.log_softmax(scores, dim=-1).mean()
+
+
+def kl_div(scores_p: Tensor, scores_q: Tensor) -> Tensor:
+    """Mean KL(p || q) of the candidate distributions."""
+    lp, lq = F.log_softmax(scores_p, dim=-1), F.log_softmax(scores_q, dim=-1)
+    return (lp.exp() * (lp - lq)).sum(-1).mean()
+
+
+def accuracy(scores: Tensor, target: Tensor) -> float:
+    return float((scores.argmax(-1) == target).float().mean())
+
+
+@torch.no_grad()
+def split_scores(view: ArchView, tokenizer, task: Task, masks: Optional[Mapping[str, Tensor]], *,
+                 split: str, batch_size: int = 32, device=None) -> tuple[Tensor, Tensor]:
+    """Scores (n, C) and targets (n,) of a whole split under `masks` (None = the full model)."""
+    items = task.items(split)
+    outs, targets = [], []
+    for start in range(0, len(items), batch_size):
+        batch = encode(task, items[start:start + batch_size], tokenizer)
+        if device is not None:
+            batch = batch.to(device)
+        outs.append(task_scores(view, batch, masks).float().cpu())
+        targets.append(batch.target.cpu())
+    return torch.cat(outs), torch.cat(targets)
+
+
+def sheaf_metrics(view: ArchView, tokenizer, task: Task, masks: Mapping[str, Tensor],
+                  complement: Mapping[str, Tensor], *, split: str = "test", batch_size: int = 32,
+                  full: Optional[tuple[Tensor, Tensor]] = None, device=None) -> dict:
+    """Accuracy of full model, sheaf and complement, KL(sheaf || full), and the share of accuracy kept.
+
+    `full` may pass precomputed (scores, targets) of the full model on this split.
+    """
+    kw = dict(split=split, batch_size=batch_size, device=device)
+    full_s, target = full if full is not None else split_scores(view, tokenizer, task, None, **kw)
+    sheaf_s, _ = split_scores(view, tokenizer, task, masks, **kw)
+    comp_s, _ = split_scores(view, tokenizer, task, complement, **kw)
+    full_acc, sheaf_acc = accuracy(full_s, target), accuracy(sheaf_s, target)
+    return {
+        "split": split, "n": int(target.numel()),
+        "full_accuracy": full_acc, "sheaf_accuracy": sheaf_acc,
+        "complement_accuracy": accuracy(comp_s, target),
+        "kl": float(kl_div(sheaf_s, full_s)),
+        "accuracy_kept": sheaf_acc / full_acc if full_acc > 0 else float("nan"),
+    }

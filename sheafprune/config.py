@@ -31,7 +31,7 @@ class DiscoverConfig:
     steps: int = 300  # optimizer steps (each stage gets all of them in "staged")
     batch_size: int = 32  # global batch, split across processes
     lr: float = 0.1  # AdamW on mask logits
-    lr_multiplier: float = 0.1  # lr of the Lagrange multipliers, relative to lr
+    dual_lr: float = 1.0  # dual-ascent step of the density controller's multipliers
     lambda_complete: float = 1.0  # weight of the completeness loss
     warmup: float = 0.6  # fraction of steps over which the density target ramps from 1 down to its value
     tau_weight: float = 0.01

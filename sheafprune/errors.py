@@ -6,3 +6,7 @@ class UserError(Exception):
 
     The message must say what is wrong and what to do, in one line.
     """
+
+
+class RunFailed(Exception):
+    """A run that cannot go on (e.g. the loss became NaN); the message says what was kept and what to try."""

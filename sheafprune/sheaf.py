@@ -8,9 +8,10 @@ The sheaf's deterministic masks keep a unit iff its logit > 0.
 from __future__ import annotations
 
 import importlib.metadata
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
@@ -46,6 +47,7 @@ def versions() -> dict[str, str]:
 class Sheaf:
     logits: dict[str, Tensor]  # mask key -> logits
     meta: dict[str, Any] = field(default_factory=dict)  # the content of sheaf.json
+    curve: list[dict[str, Any]] = field(default_factory=list)  # training curve, one row per step (metrics.jsonl)
 
     @property
     def model_name(self) -> str:
@@ -86,8 +88,8 @@ def density_of(masks: dict[str, Tensor]) -> dict[str, float]:
     return {t: kept[t] / total[t] for t in kept}
 
 
-def save_sheaf(sheaf: Sheaf, out: Path, *, overwrite: bool = False, extra_files: Optional[dict[str, Path]] = None) -> Path:
-    """Write the sheaf folder atomically. `extra_files` (name -> existing path) are copied in (e.g. metrics.jsonl)."""
+def save_sheaf(sheaf: Sheaf, out: Path, *, overwrite: bool = False) -> Path:
+    """Write the sheaf folder atomically."""
     meta = dict(sheaf.meta)
     meta["format"] = FORMAT
     meta.setdefault("versions", versions())
@@ -95,10 +97,7 @@ def save_sheaf(sheaf: Sheaf, out: Path, *, overwrite: bool = False, extra_files:
         save_file({k: v.detach().float().contiguous().cpu() for k, v in sheaf.logits.items()},
                   str(tmp / "masks.safetensors"))
         write_json(tmp / "sheaf.json", meta)
-        for name, src in (extra_files or {}).items():
-            (tmp / name).write_bytes(Path(src).read_bytes())
-        if not (tmp / "metrics.jsonl").exists():
-            (tmp / "metrics.jsonl").write_text("")
+        (tmp / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in sheaf.curve))
     return Path(out)
 
 
@@ -130,7 +129,19 @@ def load_sheaf(path: Path) -> Sheaf:
             raise UserError(f"{masks_file} holds an unknown tensor {k!r}; it is not a sheafprune mask file") from None
         if not torch.isfinite(v).all():
             raise UserError(f"{masks_file}: tensor {k!r} has NaN/inf logits; the file is corrupt, re-run discovery")
-    return Sheaf(logits=logits, meta=meta)
+    return Sheaf(logits=logits, meta=meta, curve=_read_curve(path / "metrics.jsonl"))
+
+
+def _read_curve(path: Path) -> list[dict[str, Any]]:
+    """The training curve; informational only, so a missing or damaged file gives what could be read."""
+    rows = []
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                break
+    return rows
 
 
 def check_sheaf_matches(sheaf: Sheaf, *, expected_shapes: dict[str, tuple[int, ...]], fingerprint: str) -> None:

@@ -1,0 +1,103 @@
+"""`discover`: the verb that learns a sheaf. Loads the model and task, trains the mask logits (train.py),
+measures the result on the test split, and returns (and optionally writes) the Sheaf."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from .arch import view_of
+from .config import DiscoverConfig
+from .errors import UserError
+from .io import check_out_dir
+from .masked import mask_shapes, masked_forward
+from .maskparams import MaskLogits
+from .models import fingerprint, load_model
+from .sheaf import Sheaf, save_sheaf, versions
+from .tasks import filter_correct, load_task
+from .train import Trainer, write_jsonl
+
+
+def work_dir_for(out: Optional[Path]) -> Path:
+    """Where checkpoints and the live metrics.jsonl go: a hidden sibling of the output folder."""
+    if out is None:
+        return Path(tempfile.mkdtemp(prefix="sheafprune-run-"))
+    out = Path(out)
+    return out.parent / f".{out.name}.run"
+
+
+def discover(cfg: DiscoverConfig, *, out: Optional[Path] = None, resume: bool = False, overwrite: bool = False,
+             progress: bool = True, accelerator=None) -> Sheaf:
+    """Learn a sheaf for `cfg.task` on `cfg.model`; write it to `out` (atomically) if given."""
+    from accelerate import Accelerator
+
+    acc = accelerator or Accelerator()
+    if out is not None:
+        check_out_dir(Path(out), overwrite=overwrite)
+    if cfg.batch_size % acc.num_processes:
+        raise UserError(f"--batch-size {cfg.batch_size} must be divisible by the {acc.num_processes} processes")
+    work_dir = work_dir_for(out)
+    has_ckpt = any(work_dir.glob("ckpt-*.json"))
+    if resume and not has_ckpt:
+        raise UserError(f"--resume: no checkpoint in {work_dir}; run without --resume to start afresh")
+    if not resume and acc.is_main_process and work_dir.exists():
+        shutil.rmtree(work_dir)  # a fresh run never mixes with an old one's checkpoints
+    acc.wait_for_everyone()
+
+    model, tokenizer = load_model(cfg.model)
+    model.to(acc.device)
+    view = view_of(model)
+    task = load_task(cfg.task, tokenizer, seed=cfg.seed, n=cfg.n_items)
+    if cfg.filter_correct:
+        task = filter_correct(task, lambda b: masked_forward(
+            view, b.input_ids.to(acc.device), attention_mask=b.attention_mask.to(acc.device),
+            position_ids=b.position_ids.to(acc.device)), tokenizer)
+    for split in ("train", "dev", "test"):
+        if not task.items(split):
+            raise UserError(f"task {cfg.task!r} has no {split} items; give it more items (--n-items or a bigger file)")
+
+    params = MaskLogits(mask_shapes(view, cfg.granularity), targets=cfg.target_density, init_mean=cfg.init_mean,
+                        init_std=cfg.init_std, seed=cfg.seed).to(acc.device)
+    trainer = Trainer(cfg=cfg, view=view, tokenizer=tokenizer, task=task, params=params, accelerator=acc,
+                      work_dir=work_dir, progress=progress)
+    if resume:
+        trainer.resume()
+    log = None
+    if acc.is_main_process:
+        work_dir.mkdir(parents=True, exist_ok=True)
+        live = work_dir / "metrics.jsonl"
+        live.write_text("")  # on resume the restored curve is rewritten, dropping rows after the checkpoint
+        log = write_jsonl(live)
+        for row in trainer.curve:
+            log(row)
+    trainer.run(log=log)
+
+    with torch.no_grad():
+        for key, p in params.named_logits().items():
+            p.copy_(trainer.final_logits()[key])
+    metrics = trainer.evaluate("test", tuple(cfg.granularity))
+    sheaf = Sheaf(logits=trainer.final_logits(), curve=trainer.curve, meta={
+        "format": "sheafprune.sheaf/1",
+        "model": {"name": cfg.model, "fingerprint": fingerprint(model), "family": view.spec.family},
+        "task": task.name,
+        "granularity": list(cfg.granularity),
+        "density": {},
+        "metrics": metrics,
+        "training": {"steps": trainer.step, "seconds": round(trainer.elapsed, 1), "processes": acc.num_processes,
+                     "best_step": None if trainer.best is None else trainer.best["step"],
+                     "task_notes": task.notes},
+        "config": cfg.to_dict(),
+        "versions": versions(),
+    })
+    sheaf.meta["density"] = sheaf.density()
+    if out is not None and acc.is_main_process:
+        save_sheaf(sheaf, Path(out), overwrite=overwrite)
+        shutil.rmtree(work_dir, ignore_errors=True)
+    elif out is None and acc.is_main_process:
+        shutil.rmtree(work_dir, ignore_errors=True)
+    acc.wait_for_everyone()
+    return sheaf

@@ -1,0 +1,84 @@
+"""The only trained parameters: one logit per mask entry, and the Lagrange multipliers of the density
+controller. The frozen model is never part of this module, so data-parallel training all-reduces
+just the logits' gradients and every rank holds identical masks.
+
+Density controller (a Lagrangian, as in Edge Pruning / Sheared-LLaMA, for the inequality d_t <= rho_t):
+for each mask type t with a target rho_t the loss gets  lambda_t * (d_t - rho_t),  d_t the expected kept
+fraction. lambda_t >= 0 is not trained by gradient descent but by dual ascent after every step,
+lambda_t <- max(0, lambda_t + dual_lr * (d_t - rho_t)): it grows while the mask is denser than its target
+and decays to zero once the target is met, leaving the task loss free to keep what it needs.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Optional
+
+import torch
+from torch import Tensor, nn
+
+from .gates import GATES, logistic_noise
+from .sheaf import mask_type
+
+
+class MaskLogits(nn.Module):
+    def __init__(self, shapes: Mapping[str, tuple[int, ...]], *, targets: Mapping[str, float], init_mean: float,
+                 init_std: float, seed: int):
+        super().__init__()
+        self.keys = list(shapes)
+        g = torch.Generator().manual_seed(seed)
+        self.logits = nn.ParameterList(
+            [nn.Parameter(torch.randn(shapes[k], generator=g) * init_std + init_mean) for k in self.keys])
+        self.target_types = [t for t in ("weight", "neuron", "head", "edge") if t in targets]
+        self.register_buffer("multipliers", torch.zeros(len(self.target_types)))  # (types,) lambda_t
+
+    def named_logits(self) -> dict[str, Tensor]:
+        return dict(zip(self.keys, self.logits))
+
+    def types(self) -> list[str]:
+        return sorted({mask_type(k) for k in self.keys})
+
+    def forward(self, *, trained: tuple[str, ...], gate: str, taus: Mapping[str, float], noise_seed: int,
+                frozen_masks: Optional[Mapping[str, Tensor]] = None) -> tuple[dict, dict, dict]:
+        """Sample masks for one step. Returns (masks, complement masks, expected density per trained type).
+
+        The noise depends only on `noise_seed`, so every rank (and a resumed run) draws the same masks.
+        Types not in `trained` use `frozen_masks` (their deterministic masks) in both the sheaf and the
+        complement: only trained types are flipped (DESIGN.md defect 2).
+        """
+        g = torch.Generator().manual_seed(noise_seed)
+        fn = GATES[gate]
+        masks, comp, kept, count = {}, {}, {}, {}
+        for key, logit in zip(self.keys, self.logits):
+            t = mask_type(key)
+            if t not in trained:
+                if frozen_masks is not None:
+                    masks[key] = comp[key] = frozen_masks[key]
+                continue
+            noise = logistic_noise(logit.shape, generator=g).to(logit.device)
+            m = fn.sample(logit, noise, taus[t])
+            masks[key], comp[key] = m, 1.0 - m
+            p = fn.p_keep(logit)
+            kept[t] = kept.get(t, 0.0) + p.sum()
+            count[t] = count.get(t, 0) + p.numel()
+        density = {t: kept[t] / count[t] for t in kept}
+        return masks, comp, density
+
+    def lagrangian(self, density: Mapping[str, Tensor], targets: Mapping[str, float]) -> Tensor:
+        """Sum over targeted types of lambda_t * (d_t - rho_t)."""
+        terms = [self.multipliers[i] * (density[t] - targets[t])
+                 for i, t in enumerate(self.target_types) if t in density and t in targets]
+        return torch.stack(terms).sum() if terms else torch.zeros(())
+
+    @torch.no_grad()
+    def dual_step(self, density: Mapping[str, Tensor], targets: Mapping[str, float], lr: float) -> None:
+        for i, t in enumerate(self.target_types):
+            if t in density and t in targets:
+                gap = float(density[t]) - targets[t]
+                self.multipliers[i] = max(0.0, float(self.multipliers[i]) + lr * gap)
+
+
+def ramp(step: int, *, start: float, end: float, steps: int) -> float:
+    """Linear interpolation from start (step 0) to end (step >= steps)."""
+    if steps <= 0 or step >= steps:
+        return end
+    return start + (end - start) * step / steps

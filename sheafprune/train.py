@@ -1,0 +1,300 @@
+"""The discovery loop under Accelerate: sample masks, score the task with the sheaf and its complement,
+step the mask logits, evaluate on dev, checkpoint, stop early once the targets are met and accuracy holds.
+
+Data parallelism is explicit: every rank draws the same masks (noise seeded by step), scores its own slice
+of the global batch, and gradients are all-reduced (mean) before the step, so N processes compute what one
+process computes on the whole batch. The batch of step s is a pure function of (seed, s), and so are the
+masks, which is what makes `--resume` reproduce an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+from torch import Tensor
+
+from .arch import ArchView
+from .checkpoint import load_latest, save_checkpoint
+from .config import DiscoverConfig
+from .errors import RunFailed, UserError
+from .gates import GATES, deterministic
+from .maskparams import MaskLogits, ramp
+from .objective import accuracy, completeness, faithfulness, kl_div, split_scores, task_scores
+from .sheaf import density_of, mask_type
+from .tasks import Task, encode
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    trained: tuple[str, ...]
+    steps: int
+    sparsity: str  # "controller" | "paper-weights" | "paper-edges"
+
+
+def plan_stages(cfg: DiscoverConfig) -> list[Stage]:
+    if cfg.schedule == "joint":
+        return [Stage("joint", tuple(cfg.granularity), cfg.steps, "controller")]
+    nodes = tuple(g for g in cfg.granularity if g != "edge")
+    stages = [Stage("weights", nodes, cfg.steps, "paper-weights")] if nodes else []
+    if "edge" in cfg.granularity:
+        stages.append(Stage("edges", ("edge",), cfg.steps, "paper-edges"))
+    return stages
+
+
+def paper_lambda(stage: Stage, step: int) -> float:
+    """DiscoGP's per-epoch sparsity weights, stretched over the stage's steps: weights ramp 1 -> 1000;
+    edges ramp 1 -> 100 over the first 20%, down to 0.01 over the next 20%, then stay at 0.01."""
+    frac = step / max(stage.steps, 1)
+    if stage.sparsity == "paper-weights":
+        return 1.0 + 999.0 * frac
+    if frac < 0.2:
+        return 1.0 + 99.0 * frac / 0.2
+    if frac < 0.4:
+        return 100.0 * (0.01 / 100.0) ** ((frac - 0.2) / 0.2)
+    return 0.01
+
+
+def batch_indices(step: int, *, n: int, size: int, seed: int) -> list[int]:
+    """Item indices of global step `step`: consecutive slices of per-epoch seeded permutations."""
+    out: list[int] = []
+    pos = step * size
+    while len(out) < size:
+        epoch, offset = divmod(pos, n)
+        perm = list(range(n))
+        random.Random(seed * 1_000_003 + epoch).shuffle(perm)
+        take = perm[offset:offset + size - len(out)]
+        out += take
+        pos += len(take)
+    return out
+
+
+class Trainer:
+    def __init__(self, *, cfg: DiscoverConfig, view: ArchView, tokenizer, task: Task, params: MaskLogits,
+                 accelerator, work_dir: Path, progress: bool = True):
+        self.cfg, self.view, self.tok, self.task = cfg, view, tokenizer, task
+        self.params, self.acc, self.work_dir = params, accelerator, work_dir
+        self.progress = progress and accelerator.is_main_process
+        self.device = accelerator.device
+        self.stages = plan_stages(cfg)
+        self.total_steps = sum(s.steps for s in self.stages)
+        self.targets = {t: float(d) for t, d in cfg.target_density.items()}
+        self.start_density = float(GATES[cfg.gate].p_keep(torch.tensor(cfg.init_mean)))
+        self.taus = {"weight": cfg.tau_weight, "neuron": cfg.tau_weight, "head": cfg.tau_edge, "edge": cfg.tau_edge}
+        self.curve: list[dict[str, Any]] = []
+        self.best: Optional[dict[str, Any]] = None  # {"step", "dev_accuracy", "logits"}
+        self.step = 0
+        self.elapsed = 0.0
+        self.optimizer = self._make_optimizer(self.stages[0])
+        self.full_dev = self._scores("dev", None)
+
+    # --- pieces ----------------------------------------------------------------------------------
+    def _make_optimizer(self, stage: Stage) -> torch.optim.Optimizer:
+        for key, p in self.params.named_logits().items():
+            p.requires_grad_(mask_type(key) in stage.trained)
+        logits = [p for p in self.params.logits if p.requires_grad]
+        return torch.optim.AdamW(logits, lr=self.cfg.lr, weight_decay=0.0)
+
+    def _stage_at(self, step: int) -> tuple[Stage, int]:
+        for stage in self.stages:
+            if step < stage.steps:
+                return stage, step
+            step -= stage.steps
+        return self.stages[-1], self.stages[-1].steps
+
+    def masks(self, trained: tuple[str, ...] | None = None, *, complement: bool = False) -> dict[str, Tensor]:
+        """Deterministic masks; with `complement`, the `trained` types flipped."""
+        trained = trained or tuple(self.cfg.granularity)
+        out = {}
+        for key, logit in self.params.named_logits().items():
+            m = deterministic(logit.detach())
+            out[key] = 1.0 - m if complement and mask_type(key) in trained else m
+        return out
+
+    def _scores(self, split: str, masks) -> tuple[Tensor, Tensor]:
+        """Scores of `split`, each rank scoring a shard, gathered on every rank."""
+        from accelerate.utils import gather_object
+
+        items = self.task.items(split)
+        shard = Task(self.task.name, self.task.kind, {split: items[self.acc.process_index::self.acc.num_processes]})
+        s, t = split_scores(self.view, self.tok, shard, masks, split=split, batch_size=self.cfg.batch_size,
+                            device=self.device) if shard.items(split) else (torch.zeros(0, 0), torch.zeros(0))
+        rows = gather_object([(i * self.acc.num_processes + self.acc.process_index, s[i].tolist(), int(t[i]))
+                              for i in range(len(t))])
+        rows.sort()
+        return torch.tensor([r[1] for r in rows]), torch.tensor([r[2] for r in rows])
+
+    def evaluate(self, split: str, trained: tuple[str, ...], full=None) -> dict[str, float]:
+        full_s, target = full or self._scores(split, None)
+        sheaf_s, _ = self._scores(split, self.masks())
+        comp_s, _ = self._scores(split, self.masks(trained, complement=True))
+        full_acc, sheaf_acc = accuracy(full_s, target), accuracy(sheaf_s, target)
+        return {"split": split, "n": int(target.numel()), "full_accuracy": full_acc, "sheaf_accuracy": sheaf_acc,
+                "complement_accuracy": accuracy(comp_s, target), "kl": float(kl_div(sheaf_s, full_s)),
+                "accuracy_kept": sheaf_acc / full_acc if full_acc > 0 else float("nan")}
+
+    def _local_batch(self, step: int):
+        items = self.task.items("train")
+        idx = batch_indices(step, n=len(items), size=self.cfg.batch_size, seed=self.cfg.seed)
+        per = self.cfg.batch_size // self.acc.num_processes
+        mine = idx[self.acc.process_index * per:(self.acc.process_index + 1) * per]
+        return encode(self.task, [items[i] for i in mine], self.tok).to(self.device)
+
+    def _targets_now(self, stage: Stage, local: int) -> dict[str, float]:
+        warm = int(self.cfg.warmup * stage.steps)
+        return {t: ramp(local, start=self.start_density, end=d, steps=warm)
+                for t, d in self.targets.items() if t in stage.trained}
+
+    # --- one step --------------------------------------------------------------------------------
+    def train_step(self) -> dict[str, Any]:
+        stage, local = self._stage_at(self.step)
+        frozen = self.masks() if stage.trained != tuple(self.cfg.granularity) else None
+        masks, comp, dens = self.params(trained=stage.trained, gate=self.cfg.gate, taus=self.taus,
+                                        noise_seed=self.cfg.seed * 1_000_003 + self.step, frozen_masks=frozen)
+        batch = self._local_batch(self.step)
+        faith = faithfulness(task_scores(self.view, batch, masks), batch.target)
+        complete = completeness(task_scores(self.view, batch, comp))
+        targets = self._targets_now(stage, local)
+        if stage.sparsity == "controller":
+            sparse = self.params.lagrangian(dens, targets)
+            # Types without a target still get DiscoGP's plain sparsity pressure.
+            untargeted = [dens[t] for t in dens if t not in targets]
+            if untargeted:
+                sparse = sparse + torch.stack(untargeted).mean()
+        else:
+            sparse = paper_lambda(stage, local) * torch.stack(list(dens.values())).mean()
+        loss = faith + self.cfg.lambda_complete * complete + sparse
+        if not torch.isfinite(loss):
+            raise RunFailed(f"loss became {float(loss)} at step {self.step}; the last good checkpoint is in "
+                            f"{self.work_dir} (try a lower --lr)")
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        for group in self.optimizer.param_groups:  # data parallel: mean of the ranks' gradients
+            for p in group["params"]:
+                if p.grad is not None and self.acc.num_processes > 1:
+                    p.grad = self.acc.reduce(p.grad, reduction="mean")
+        self.optimizer.step()
+        if stage.sparsity == "controller":
+            self.params.dual_step(dens, targets, self.cfg.dual_lr)
+        vals = torch.stack([loss.detach(), faith.detach(), complete.detach()])
+        if self.acc.num_processes > 1:
+            vals = self.acc.reduce(vals, reduction="mean")
+        kept = density_of({k: v for k, v in self.masks().items() if mask_type(k) in stage.trained})
+        return {"step": self.step + 1, "stage": stage.name, "loss": float(vals[0]), "faith": float(vals[1]),
+                "complete": float(vals[2]), "expected": {t: float(d.detach()) for t, d in dens.items()},
+                "kept": kept, "target": targets}
+
+    # --- the loop --------------------------------------------------------------------------------
+    def _targets_met(self, kept: dict[str, float]) -> bool:
+        # 2% relative slack: a target of 3% is met at 3.06%.
+        return all(kept.get(t, 1.0) <= d * 1.02 + 1e-9 for t, d in self.targets.items())
+
+    def _eval_and_track(self, row: dict[str, Any], stage: Stage, local: int) -> bool:
+        """Dev metrics into `row`; remember the best sheaf that meets the targets; True = stop early."""
+        dev = self.evaluate("dev", stage.trained, full=self.full_dev)
+        row["dev"] = dev
+        last_stage = stage is self.stages[-1]
+        ramp_done = local >= int(self.cfg.warmup * stage.steps)
+        if last_stage and self._targets_met(row["kept"]):
+            if self.best is None or dev["sheaf_accuracy"] > self.best["dev_accuracy"]:
+                self.best = {"step": row["step"], "dev_accuracy": dev["sheaf_accuracy"],
+                             "logits": {k: v.detach().clone() for k, v in self.params.named_logits().items()}}
+            holds = dev["sheaf_accuracy"] >= 0.95 * dev["full_accuracy"]
+            return self.cfg.early_stop and ramp_done and holds
+        return False
+
+    def _checkpoint(self) -> None:
+        if not self.acc.is_main_process:
+            return
+        tensors = {f"logits/{k}": v for k, v in self.params.named_logits().items()}
+        tensors["multipliers"] = self.params.multipliers
+        if self.best is not None:
+            tensors.update({f"best/{k}": v for k, v in self.best["logits"].items()})
+        best = None if self.best is None else {k: v for k, v in self.best.items() if k != "logits"}
+        save_checkpoint(self.work_dir, step=self.step, tensors=tensors, optimizer_state=self.optimizer.state_dict(),
+                        info={"config": self.cfg.to_dict(), "curve": self.curve, "best": best,
+                              "elapsed": self.elapsed})
+
+    def resume(self) -> bool:
+        """Load the newest checkpoint of work_dir; False if there is none."""
+        found = load_latest(self.work_dir)
+        if found is None:
+            return False
+        tensors, opt_state, info = found
+        saved = dict(info["config"])
+        now = self.cfg.to_dict()
+        differ = sorted(k for k in now if k not in ("steps", "early_stop") and saved.get(k) != now[k])
+        if differ:
+            raise UserError(f"--resume: the checkpoint in {self.work_dir} was made with different options "
+                            f"({', '.join(differ)}); use the same options or drop --resume")
+        with torch.no_grad():
+            for k, p in self.params.named_logits().items():
+                p.copy_(tensors[f"logits/{k}"])
+            self.params.multipliers.copy_(tensors["multipliers"])
+        self.step, self.curve, self.elapsed = int(info["step"]), list(info["curve"]), float(info["elapsed"])
+        if info.get("best") is not None:
+            self.best = {**info["best"], "logits": {k[5:]: v for k, v in tensors.items() if k.startswith("best/")}}
+        stage, _ = self._stage_at(self.step)
+        self.optimizer = self._make_optimizer(stage)
+        self.optimizer.load_state_dict(opt_state)
+        return True
+
+    def run(self, *, log: Optional[Callable[[dict], None]] = None) -> None:
+        """Train until the last stage ends or early stopping; Ctrl-C checkpoints and re-raises."""
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=self.total_steps, initial=self.step, disable=not self.progress, desc="discover",
+                   dynamic_ncols=True, mininterval=1.0)
+        try:
+            while self.step < self.total_steps:
+                stage, local = self._stage_at(self.step)
+                if local == 0 and self.step > 0:
+                    self.optimizer = self._make_optimizer(stage)  # a new stage trains other mask types
+                t0 = time.perf_counter()
+                row = self.train_step()
+                self.step += 1
+                stop = False
+                if self.step % self.cfg.eval_every == 0 or self.step == self.total_steps:
+                    stop = self._eval_and_track(row, stage, local + 1)
+                self.elapsed += time.perf_counter() - t0
+                row["time"] = round(self.elapsed, 3)
+                self.curve.append(row)
+                if log is not None and self.acc.is_main_process:
+                    log(row)
+                bar.update(1)
+                bar.set_postfix_str(_postfix(row, self.targets))
+                if self.step % self.cfg.checkpoint_every == 0 or stop:
+                    self._checkpoint()
+                if stop:
+                    break
+        except KeyboardInterrupt:
+            self._checkpoint()
+            raise
+        finally:
+            bar.close()
+
+    def final_logits(self) -> dict[str, Tensor]:
+        """The best dev sheaf that met the targets, else the last one."""
+        src = self.best["logits"] if self.best is not None else self.params.named_logits()
+        return {k: v.detach().clone().cpu() for k, v in src.items()}
+
+
+def _postfix(row: dict[str, Any], targets: dict[str, float]) -> str:
+    kept = " ".join(f"{t[0]}={d:.1%}" + (f"/{targets[t]:.1%}" if t in targets else "") for t, d in row["kept"].items())
+    s = f"loss {row['loss']:.3f} faith {row['faith']:.3f} {kept}"
+    if "dev" in row:
+        s += f" dev {row['dev']['sheaf_accuracy']:.2f}/{row['dev']['full_accuracy']:.2f}"
+    return s
+
+
+def write_jsonl(path: Path) -> Callable[[dict], None]:
+    def log(row: dict) -> None:
+        with open(path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+    return log

@@ -1,0 +1,302 @@
+"""A compacted sheaf of a causal LM as a Hugging Face model: each kept reader reads only its kept writers.
+
+This file is self-contained (torch + transformers only): every export folder carries a copy, and
+`config.json`'s `auto_map` points `AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)` at
+it, so an export loads where sheafprune is not installed.
+
+The residual stream is a list of writers: `in` (embeddings), the kept attention heads `a{l}.h{h}` and
+the kept MLPs `m{l}` (original layer/head numbers). Every reader (a head's q input, a KV head's k and v
+inputs, an MLP's input, the final `out`) reads the 0/1-weighted sum of the writers it kept, plus a
+constant vector (`*_const`) holding what pruned-to-constant writers gave it; then the layer's norm, as
+in the source model. Config fields describe both GPT-2 (layernorm, learned positions, ungated MLP) and
+Llama (rmsnorm, rotary, gated MLP, GQA) families; per-layer head, KV-head and neuron counts vary.
+
+Generation recomputes the whole prefix at every step (no KV cache): exact and simple; fine for the
+short task prompts these models are made for.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel
+from transformers.activations import ACT2FN
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+
+class SheafConfig(PretrainedConfig):
+    """`layers`: one dict per kept layer: `layer` (original index), `heads` (kept query heads),
+    `kv_heads` (kept KV heads), `kv_of_q` (per kept head, its KV head's position in `kv_heads`),
+    `n_neurons`, `neurons` (kept MLP units), `b_out` (the MLP has an output bias), `reads` ({"q": [[writer, ...] per head], "k", "v": per KV
+    head, "mlp": [writer, ...]}), `const` (reader groups that carry a constant input vector).
+    `out_reads` / `out_const`: the same for the final reader."""
+
+    model_type = "sheaf"
+
+    def __init__(self, family: str = "llama", vocab_size: int = 1, hidden_size: int = 1, head_dim: int = 1,
+                 norm: str = "rmsnorm", norm_eps: float = 1e-5, hidden_act: str = "silu", gated: bool = True,
+                 positional: str = "rope", attn_scale: float = 1.0, max_position_embeddings: int = 0,
+                 rope_inv_freq: Optional[list[float]] = None, rope_attention_scaling: float = 1.0,
+                 attn_bias: bool = False, mlp_bias: bool = False, tie_head: bool = True,
+                 layers: Optional[list[dict[str, Any]]] = None, out_reads: Optional[list[str]] = None,
+                 out_const: bool = False, **kwargs: Any):
+        self.family, self.vocab_size, self.hidden_size, self.head_dim = family, vocab_size, hidden_size, head_dim
+        self.norm, self.norm_eps, self.hidden_act, self.gated = norm, norm_eps, hidden_act, gated
+        self.positional, self.attn_scale, self.max_position_embeddings = positional, attn_scale, max_position_embeddings
+        self.rope_inv_freq, self.rope_attention_scaling = rope_inv_freq or [], rope_attention_scaling
+        self.attn_bias, self.mlp_bias, self.tie_head = attn_bias, mlp_bias, tie_head
+        self.layers, self.out_const = layers or [], out_const
+        self.out_reads = ["in"] if out_reads is None else out_reads
+        self.num_hidden_layers = len(self.layers)
+        kwargs["tie_word_embeddings"] = False  # the tied head is ours (tie_head), not transformers' tying
+        kwargs.setdefault("use_cache", False)
+        super().__init__(**kwargs)
+
+
+def writer_names(config: SheafConfig) -> list[str]:
+    """The kept writers in residual-stream order."""
+    names = ["in"]
+    for spec in config.layers:
+        names += [f"a{spec['layer']}.h{h}" for h in spec["heads"]]
+        if spec["n_neurons"]:
+            names.append(f"m{spec['layer']}")
+    return names
+
+
+def read_matrix(reads: list[list[str]], writers: list[str]) -> Optional[Tensor]:
+    """Per-reader lists of writer names -> (W, R) 0/1 matrix over `writers`; None if every reader reads all.
+
+    Built on the CPU on purpose (also under from_pretrained's meta-device init): index tables are
+    derived from the config, never loaded, so they are plain attributes moved to the input's device."""
+    if all(sorted(r) == sorted(writers) for r in reads):
+        return None
+    index = {w: i for i, w in enumerate(writers)}
+    m = torch.zeros(len(writers), len(reads), device="cpu")  # (W, R)
+    for r, names in enumerate(reads):
+        for name in names:
+            m[index[name], r] = 1.0
+    return m
+
+
+class Norm(nn.Module):
+    """LayerNorm or RMSNorm, computed as the source families compute them."""
+
+    def __init__(self, config: SheafConfig):
+        super().__init__()
+        self.kind, self.eps = config.norm, config.norm_eps
+        self.weight = nn.Parameter(torch.empty(config.hidden_size))
+        self.bias = nn.Parameter(torch.empty(config.hidden_size)) if self.kind == "layernorm" else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.kind == "layernorm":
+            return F.layer_norm(x, (x.shape[-1],), self.weight, self.bias, self.eps)
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+class Stream:
+    """The writers' outputs as chunks (n, B, T, D) plus their running sum (for readers that read everything)."""
+
+    def __init__(self) -> None:
+        self.chunks: list[Tensor] = []
+        self.total: Optional[Tensor] = None  # (B, T, D)
+
+    def add(self, chunk: Tensor) -> None:  # chunk (n, B, T, D)
+        self.chunks.append(chunk)
+        s = chunk.sum(0)
+        self.total = s if self.total is None else self.total + s
+
+    def read(self, mask: Optional[Tensor]) -> Tensor:
+        """mask (W, R) -> (R, B, T, D); None (every reader reads every writer) -> (1, B, T, D)."""
+        if mask is None:
+            return self.total.unsqueeze(0)
+        out, row = None, 0
+        for chunk in self.chunks:
+            n = chunk.shape[0]
+            part = mask[row:row + n].t().to(chunk.dtype) @ chunk.reshape(n, -1)  # (R, B*T*D)
+            out = part if out is None else out + part
+            row += n
+        return out.reshape(mask.shape[1], *self.chunks[0].shape[1:])  # (R, B, T, D)
+
+
+def _linear_heads(x: Tensor, w: Tensor, b: Optional[Tensor]) -> Tensor:
+    """x (R, B, T, D) with R in {1, n}, w (n, D, e), b (n, e) -> (n, B, T, e)."""
+    r, bsz, t, d = x.shape
+    y = torch.matmul(x.reshape(r, bsz * t, d), w)  # (n, B*T, e)
+    if b is not None:
+        y = y + b[:, None, :]
+    return y.reshape(w.shape[0], bsz, t, w.shape[2])
+
+
+def _rotate_half(x: Tensor) -> Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class SheafLayer(nn.Module):
+    """One kept layer: its kept heads (any subset, GQA groups kept as needed) and its kept MLP neurons."""
+
+    def __init__(self, config: SheafConfig, spec: dict[str, Any], writers_before: list[str]):
+        super().__init__()
+        d, hd = config.hidden_size, config.head_dim
+        self.n_heads, self.n_kv, self.n_neurons = len(spec["heads"]), len(spec["kv_heads"]), spec["n_neurons"]
+        self.scale, self.gated = config.attn_scale, config.gated
+        self.act = ACT2FN[config.hidden_act]
+        const = set(spec.get("const", []))
+        head_names = [f"a{spec['layer']}.h{h}" for h in spec["heads"]]
+        self.reads: dict[str, Optional[Tensor]] = {}
+        if self.n_heads:
+            self.attn_norm = Norm(config)
+            self.q_w = nn.Parameter(torch.empty(self.n_heads, d, hd))  # (H, D, hd)
+            self.k_w = nn.Parameter(torch.empty(self.n_kv, d, hd))  # (KV, D, hd)
+            self.v_w = nn.Parameter(torch.empty(self.n_kv, d, hd))  # (KV, D, hd)
+            self.o_w = nn.Parameter(torch.empty(self.n_heads, hd, d))  # (H, hd, D)
+            bias = config.attn_bias
+            self.q_b = nn.Parameter(torch.empty(self.n_heads, hd)) if bias else None
+            self.k_b = nn.Parameter(torch.empty(self.n_kv, hd)) if bias else None
+            self.v_b = nn.Parameter(torch.empty(self.n_kv, hd)) if bias else None
+            self.o_b = nn.Parameter(torch.empty(d)) if bias else None  # each head's share of the output bias
+            self.kv_of_q = torch.tensor(spec["kv_of_q"], dtype=torch.long, device="cpu")  # (H,)
+            for site, n in (("q", self.n_heads), ("k", self.n_kv), ("v", self.n_kv)):
+                self._reader(site, spec["reads"][site], writers_before, n if site in const else 0, d)
+        if self.n_neurons:
+            i = self.n_neurons
+            self.mlp_norm = Norm(config)
+            self.w_in = nn.Parameter(torch.empty(d, i))  # (D, I)
+            self.w_gate = nn.Parameter(torch.empty(d, i)) if config.gated else None  # (D, I)
+            self.w_out = nn.Parameter(torch.empty(i, d))  # (I, D)
+            self.b_in = nn.Parameter(torch.empty(i)) if config.mlp_bias else None
+            self.b_gate = nn.Parameter(torch.empty(i)) if config.mlp_bias and config.gated else None
+            # b_out also holds the constants of folded neurons, so it may exist in a bias-free family.
+            self.b_out = nn.Parameter(torch.empty(d)) if spec.get("b_out", True) else None
+            self._reader("mlp", [spec["reads"]["mlp"]], writers_before + head_names, 1 if "mlp" in const else 0, d)
+
+    def _reader(self, site: str, reads: list[list[str]], writers: list[str], n_const: int, d: int) -> None:
+        self.reads[site] = read_matrix(reads, writers)  # (W, R) or None
+        if n_const:
+            self.register_parameter(f"{site}_const", nn.Parameter(torch.empty(n_const, d)))  # (R, D)
+        else:
+            self.register_parameter(f"{site}_const", None)
+
+    def read(self, stream: Stream, site: str) -> Tensor:
+        m = self.reads[site]
+        x = stream.read(None if m is None else m.to(stream.total.device))  # (R, B, T, D); R = 1 if m is None
+        const = getattr(self, f"{site}_const")
+        return x if const is None else x + const[:, None, None, :]
+
+    def forward(self, stream: Stream, bias: Tensor, rope: Optional[tuple[Tensor, Tensor]]) -> None:
+        if self.n_heads:
+            xq, xk, xv = (self.attn_norm(self.read(stream, s)) for s in "qkv")  # (R, B, T, D) each
+            q = _linear_heads(xq, self.q_w, self.q_b)  # (H, B, T, hd)
+            k = _linear_heads(xk, self.k_w, self.k_b)  # (KV, B, T, hd)
+            v = _linear_heads(xv, self.v_w, self.v_b)  # (KV, B, T, hd)
+            if rope is not None:
+                cos, sin = rope  # (B, T, hd)
+                q = q * cos[None] + _rotate_half(q) * sin[None]
+                k = k * cos[None] + _rotate_half(k) * sin[None]
+            kv_of_q = self.kv_of_q.to(k.device)
+            k, v = k.index_select(0, kv_of_q), v.index_select(0, kv_of_q)  # (H, B, T, hd)
+            z = F.scaled_dot_product_attention(
+                q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=bias, scale=self.scale
+            ).transpose(0, 1)  # (H, B, T, hd)
+            h, bsz, t, hd = z.shape
+            heads = torch.matmul(z.reshape(h, bsz * t, hd), self.o_w).reshape(h, bsz, t, -1)  # (H, B, T, D)
+            stream.add(heads if self.o_b is None else heads + self.o_b)
+        if self.n_neurons:
+            x = self.mlp_norm(self.read(stream, "mlp"))[0]  # (B, T, D)
+            hidden = x @ self.w_in + (self.b_in if self.b_in is not None else 0)  # (B, T, I)
+            if self.gated:
+                hidden = self.act(x @ self.w_gate + (self.b_gate if self.b_gate is not None else 0)) * hidden
+            else:
+                hidden = self.act(hidden)
+            out = hidden @ self.w_out  # (B, T, D)
+            stream.add((out if self.b_out is None else out + self.b_out).unsqueeze(0))  # (1, B, T, D)
+
+
+def _attn_bias(attention_mask: Tensor, dtype: torch.dtype) -> Tensor:
+    """(B, T) padding mask -> (B, 1, T, T) additive causal+padding bias (finite minimum: no NaN on pad rows)."""
+    t = attention_mask.shape[1]
+    causal = torch.ones(t, t, dtype=torch.bool, device=attention_mask.device).tril()
+    allowed = causal[None] & attention_mask.bool()[:, None, :]  # (B, T, T)
+    zeros = torch.zeros(allowed.shape, dtype=dtype, device=attention_mask.device)
+    return zeros.masked_fill(~allowed, torch.finfo(dtype).min)[:, None]  # (B, 1, T, T)
+
+
+class SheafPreTrainedModel(PreTrainedModel):
+    config_class = SheafConfig
+    base_model_prefix = "sheaf"
+    _supports_sdpa = True
+
+    def _init_weights(self, module: nn.Module) -> None:
+        pass  # every parameter comes from model.safetensors; there is nothing to initialize
+
+
+class SheafForCausalLM(SheafPreTrainedModel, GenerationMixin):
+    def __init__(self, config: SheafConfig):
+        super().__init__(config)
+        d = config.hidden_size
+        self.embed = nn.Embedding(config.vocab_size, d)
+        self.pos = nn.Embedding(config.max_position_embeddings, d) if config.positional == "learned" else None
+        writers = ["in"]
+        layers = []
+        for spec in config.layers:
+            layers.append(SheafLayer(config, spec, list(writers)))
+            writers += [f"a{spec['layer']}.h{h}" for h in spec["heads"]] + (
+                [f"m{spec['layer']}"] if spec["n_neurons"] else [])
+        self.layers = nn.ModuleList(layers)
+        self.norm = Norm(config)
+        self.lm_head = None if config.tie_head else nn.Linear(d, config.vocab_size, bias=False)
+        self.out_read = read_matrix([config.out_reads], writers)  # (W, 1) or None
+        self.out_const = nn.Parameter(torch.empty(d)) if config.out_const else None
+        self.inv_freq = torch.tensor(config.rope_inv_freq, dtype=torch.float32, device="cpu")  # (hd/2,)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.embed
+
+    def _rope(self, position_ids: Tensor) -> Optional[tuple[Tensor, Tensor]]:
+        if self.config.positional != "rope":
+            return None
+        inv = self.inv_freq.to(position_ids.device)[None, :, None].float().expand(position_ids.shape[0], -1, 1)  # (B, hd/2, 1)
+        freqs = (inv @ position_ids[:, None, :].float()).transpose(1, 2)  # (B, T, hd/2)
+        emb = torch.cat((freqs, freqs), dim=-1)  # (B, T, hd)
+        s = self.config.rope_attention_scaling
+        return emb.cos() * s, emb.sin() * s
+
+    def forward(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None,
+                position_ids: Optional[Tensor] = None, labels: Optional[Tensor] = None,
+                **kwargs: Any) -> CausalLMOutputWithPast:
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        if position_ids is None:  # positions count only real tokens (left padding)
+            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, T)
+        x = self.embed(input_ids)  # (B, T, D)
+        if self.pos is not None:
+            x = x + self.pos(position_ids)
+        stream = Stream()
+        stream.add(x.unsqueeze(0))
+        bias = _attn_bias(attention_mask, x.dtype)  # (B, 1, T, T)
+        rope = self._rope(position_ids)
+        for layer in self.layers:
+            layer(stream, bias, rope)
+        out_read = None if self.out_read is None else self.out_read.to(x.device)
+        h = stream.read(out_read)[0]  # (B, T, D)
+        if self.out_const is not None:
+            h = h + self.out_const
+        h = self.norm(h)
+        logits = h @ self.embed.weight.t() if self.lm_head is None else self.lm_head(h)  # (B, T, V)
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+                                   labels[:, 1:].reshape(-1), ignore_index=-100)
+        return CausalLMOutputWithPast(loss=loss, logits=logits)
+
+    def prepare_inputs_for_generation(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None,
+                                      **kwargs: Any) -> dict[str, Any]:
+        # No KV cache: every step sees the whole sequence.
+        return {"input_ids": input_ids, "attention_mask": attention_mask}

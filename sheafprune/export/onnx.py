@@ -1,0 +1,83 @@
+"""ONNX export of a compacted sheaf: `model.onnx` (inputs input_ids, attention_mask; output logits; dynamic
+batch and sequence), checked against torch with onnxruntime before it counts as written."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import UserError
+
+ONNX_TOLERANCE = 1e-4
+
+
+class _Logits(nn.Module):
+    """The HF model as a plain (input_ids, attention_mask) -> logits function."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        return self.model(input_ids=input_ids, attention_mask=attention_mask).logits  # (B, T, V)
+
+
+def write_onnx(model: nn.Module, path: Path, *, input_ids: Tensor, attention_mask: Tensor) -> None:
+    """Export with the dynamo exporter into one self-contained file (external_data=False: our models are small)."""
+    try:
+        import onnxscript  # noqa: F401  (the dynamo exporter needs it; say so before torch does)
+    except ImportError:
+        raise UserError("ONNX export needs onnx and onnxscript: pip install onnx onnxscript onnxruntime") from None
+    batch, seq = torch.export.Dim("batch"), torch.export.Dim("sequence")
+    dims = {"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq}}
+    # The exporter logs its progress at INFO/WARNING level and warns about its own internals; keep stdout quiet.
+    quiet = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "onnxscript")]
+    levels = [lg.level for lg in quiet]
+    try:
+        for lg in quiet:
+            lg.setLevel(logging.ERROR)
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(_Logits(model).eval(), (input_ids, attention_mask), str(path), dynamo=True,
+                              external_data=False, input_names=["input_ids", "attention_mask"],
+                              output_names=["logits"], dynamic_shapes=dims, verbose=False)
+    finally:
+        for lg, level in zip(quiet, levels):
+            lg.setLevel(level)
+
+
+def onnx_logits(path: Path, *, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+    """Run `model.onnx` with onnxruntime on CPU; (B, T, V) float tensor."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise UserError("checking the ONNX model needs onnxruntime: pip install onnxruntime") from None
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (logits,) = session.run(["logits"], {"input_ids": input_ids.long().numpy(),
+                                         "attention_mask": attention_mask.long().numpy()})
+    return torch.from_numpy(logits)
+
+
+def export_onnx(model: nn.Module, path: Path, *, input_ids: Tensor, attention_mask: Tensor) -> float:
+    """Write `path` and return max |onnxruntime - torch| over real tokens, on the example batch and on a
+    shorter, smaller one (proves the dynamic axes). Raises UserError above ONNX_TOLERANCE."""
+    write_onnx(model, path, input_ids=input_ids, attention_mask=attention_mask)
+    diff = 0.0
+    b, t = input_ids.shape
+    checks = [(input_ids, attention_mask)]
+    if b > 1 and t > 2:
+        checks.append((input_ids[: b - 1, 1:], attention_mask[: b - 1, 1:]))
+    for ids, mask in checks:
+        with torch.no_grad():
+            ref = model(input_ids=ids, attention_mask=mask).logits.float()  # (B, T, V)
+        got = onnx_logits(path, input_ids=ids, attention_mask=mask)
+        real = mask.bool()
+        diff = max(diff, float((got - ref)[real].abs().max()))
+    if not diff <= ONNX_TOLERANCE:
+        raise UserError(f"the ONNX model differs from the torch model by {diff:.3g} (tolerance {ONNX_TOLERANCE:g}); "
+                        "nothing was written. Export --format safetensors instead and report this")
+    return diff

@@ -1,0 +1,29 @@
+"""Tasks: what a sheaf must still do. Load one by name, encode its items, score the model's logits."""
+
+from sheafprune.tasks.base import (
+    SPLITS,
+    Batch,
+    Item,
+    Task,
+    drop_first_token_collisions,
+    encode,
+    filter_correct,
+    make_splits,
+    score,
+)
+from sheafprune.tasks.registry import TASKS, list_tasks, load_task
+
+__all__ = [
+    "SPLITS",
+    "TASKS",
+    "Batch",
+    "Item",
+    "Task",
+    "drop_first_token_collisions",
+    "encode",
+    "filter_correct",
+    "list_tasks",
+    "load_task",
+    "make_splits",
+    "score",
+]

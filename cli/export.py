@@ -1,0 +1,63 @@
+"""`sheafprune export`: compact a sheaf (or discover one first) into a slim HF folder and/or ONNX model."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from sheafprune.cli.discover import add_discover_options, config_from_args
+from sheafprune.errors import UserError
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.1f} MB"
+
+
+def _run(args: argparse.Namespace) -> int:
+    from sheafprune.export import export
+    from sheafprune.io import check_out_dir
+    from sheafprune.sheaf import load_sheaf
+
+    discover_flags = [f"--{k}" for k in ("model", "task", "config") if getattr(args, k, None) is not None]
+    if args.sheaf_dir is not None and discover_flags:
+        raise UserError(f"pass either SHEAF_DIR or {'/'.join(discover_flags)} (to discover a sheaf first), not both")
+    if args.sheaf_dir is None and not discover_flags:
+        raise UserError("pass a SHEAF_DIR written by `sheafprune discover`, or --model and --task to discover one first")
+    if args.resume:
+        raise UserError("--resume continues `sheafprune discover --out DIR`; export discovers in memory, so run "
+                        "discover with --resume first, then `sheafprune export DIR`")
+    check_out_dir(args.out, overwrite=args.overwrite)  # fail before a long discovery, not after
+    if args.sheaf_dir is not None:
+        sheaf = load_sheaf(args.sheaf_dir)
+    else:
+        from sheafprune.discover import discover
+
+        cfg = config_from_args(args)
+        print(f"discovering a sheaf of {cfg.model} for {cfg.task} ...", flush=True)
+        sheaf = discover(cfg)
+    print(f"compacting and checking the sheaf of {sheaf.model_name} for {sheaf.task} ...", flush=True)
+    info = export(sheaf, out=args.out, formats=[args.format], overwrite=args.overwrite)
+    d = ", ".join(f"{k} {v:.2%}" for k, v in sheaf.density().items())
+    print(f"export written to {args.out} (sheaf kept {d}; max |logit diff| to the masked sheaf {info['max_abs_diff']:.2g})")
+    print(f"  parameters {info['params']:,} of {info['params_original']:,} ({info['params'] / info['params_original']:.1%}); "
+          f"removed heads {info['heads_removed']:.1%}, neurons {info['neurons_removed']:.1%}, "
+          f"layers {info['layers_removed']:.1%}")
+    if (args.out / "model.safetensors").exists():
+        print(f"  {args.out / 'model.safetensors'}: {_mb(info['bytes'])} (original fp32 weights "
+              f"{_mb(info['bytes_original'])}, {info['bytes'] / info['bytes_original']:.1%})")
+    if "bytes_onnx" in info:
+        print(f"  {args.out / 'model.onnx'}: {_mb(info['bytes_onnx'])} "
+              f"(onnxruntime vs torch max diff {info['max_abs_diff_onnx']:.2g})")
+    print(f"  load: sheafprune.load({str(args.out)!r}) or AutoModelForCausalLM.from_pretrained("
+          f"{str(args.out)!r}, trust_remote_code=True)")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export", help="compact a sheaf and write a slim HF (safetensors) and/or ONNX model")
+    p.add_argument("sheaf_dir", nargs="?", type=Path, metavar="SHEAF_DIR",
+                   help="sheaf folder from `sheafprune discover` (or give --model/--task to discover first)")
+    p.add_argument("--format", choices=("safetensors", "onnx", "all"), default="safetensors", help="what to write (default safetensors)")
+    p.add_argument("--out", type=Path, required=True, help="export folder to write")
+    add_discover_options(p)
+    p.set_defaults(func=_run)

@@ -1,0 +1,181 @@
+"""Export folders: contents, reload vs saved, generate vs a greedy loop over the masked sheaf, loading with plain
+transformers where sheafprune cannot be imported, the exactness gate refusing, the CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from sheafprune.arch import view_of
+from sheafprune.cli.main import main
+from sheafprune.compact import compact
+from sheafprune.errors import UserError
+from sheafprune.export import export, hf, load
+from sheafprune.masked import mask_shapes, masked_forward
+from sheafprune.models import fingerprint, load_model
+from sheafprune.sheaf import Sheaf, load_sheaf, save_sheaf
+
+IDS = [[2215, 5335, 290, 1757, 1816, 284, 262, 3650]]  # "When Mary and John went to the store"
+
+
+def make_sheaf(model, name: str, granularity=("weight", "edge"), density: float = 0.7, seed: int = 0) -> Sheaf:
+    """A random sheaf for `model`: each unit kept with probability `density` (weights denser, see below)."""
+    g = torch.Generator().manual_seed(seed)
+    logits = {}
+    for k, shape in mask_shapes(view_of(model), list(granularity)).items():
+        keep = density ** 0.25 if k.startswith("w/") else density  # the edges decide what survives
+        logits[k] = torch.rand(shape, generator=g) - (1 - keep)  # kept iff > 0
+    sheaf = Sheaf(logits, {"model": {"name": name, "fingerprint": fingerprint(model)}, "task": "ioi",
+                           "granularity": list(granularity), "config": {"seed": 0, "n_items": 40},
+                           "metrics": {"split": "test", "n": 4, "full_accuracy": 1.0, "sheaf_accuracy": 0.75,
+                                       "complement_accuracy": 0.5}})
+    sheaf.meta["density"] = sheaf.density()
+    return sheaf
+
+
+@pytest.fixture(scope="module")
+def gpt2():
+    return load_model("tiny-gpt2")
+
+
+@pytest.fixture(scope="module")
+def exported(gpt2, tmp_path_factory):
+    model, tok = gpt2
+    sheaf = make_sheaf(model, "tiny-gpt2")
+    out = tmp_path_factory.mktemp("exp") / "tiny-gpt2-ioi"
+    info = export(sheaf, out=out, model=model, tokenizer=tok)
+    return sheaf, out, info
+
+
+def test_folder_contents(exported):
+    sheaf, out, info = exported
+    names = {p.name for p in out.iterdir()}
+    assert {"config.json", "model.safetensors", "modeling_sheaf.py", "sheaf.json", "README.md", "sheaf",
+            "tokenizer.json"} <= names, names
+    config = json.loads((out / "config.json").read_text())
+    assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_sheaf.SheafForCausalLM"
+    meta = json.loads((out / "sheaf.json").read_text())
+    assert meta["task"] == "ioi" and meta["export"]["params"] == info["params"] < info["params_original"], meta
+    assert info["max_abs_diff"] <= hf.TOLERANCE and 0 < info["heads_removed"] < 1 and info["zero_share"] > 0, info
+    assert "ioi" in (out / "README.md").read_text()
+    source = load_sheaf(out / "sheaf")
+    assert all(torch.equal(source.logits[k], v) for k, v in sheaf.logits.items())
+
+
+def test_reload_equals_saved(gpt2, exported):
+    model, _ = gpt2
+    sheaf, out, _ = exported
+    ids = torch.tensor(IDS)
+    with torch.no_grad():
+        saved = compact(view_of(model), sheaf.masks()).to_model()(input_ids=ids).logits
+        reloaded = load(out)(input_ids=ids).logits
+    diff = (saved - reloaded).abs().max().item()
+    assert diff == 0.0, f"reloaded vs saved: max abs diff {diff:.3g}"
+
+
+def test_generate_matches_greedy_masked_sheaf(gpt2, exported):
+    model, _ = gpt2
+    sheaf, out, _ = exported
+    ids = torch.tensor(IDS)
+    got = load(out).generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False)
+    want = ids
+    with torch.no_grad():
+        for _ in range(4):
+            nxt = masked_forward(view_of(model), want, masks=sheaf.masks())[:, -1].argmax(-1, keepdim=True)
+            want = torch.cat([want, nxt], dim=1)
+    assert torch.equal(got, want), f"generate {got.tolist()} vs greedy masked sheaf {want.tolist()}"
+
+
+_NO_SHEAFPRUNE = r"""
+import sys
+sys.modules["sheafprune"] = None  # as if it were not installed
+try:
+    import sheafprune
+except ImportError:
+    pass
+else:
+    raise SystemExit("sheafprune is importable; the test would prove nothing")
+import torch
+from safetensors.torch import save_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+out = {}
+for i, folder in enumerate(sys.argv[2:]):
+    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)
+    assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+    tok = AutoTokenizer.from_pretrained(folder)
+    ids = tok(["When Mary and John went to the store"], return_tensors="pt")
+    with torch.no_grad():
+        out[f"logits{i}"] = model(**ids).logits
+    out[f"generated{i}"] = model.generate(**ids, max_new_tokens=3, do_sample=False)
+save_file(out, sys.argv[1])
+"""
+
+
+def test_loads_with_plain_transformers_without_sheafprune(gpt2, exported, tmp_path):
+    _, tok = gpt2
+    _, out, _ = exported
+    llama, llama_tok = load_model("tiny-llama")
+    out_llama = tmp_path / "tiny-llama-ioi"
+    export(make_sheaf(llama, "tiny-llama", ("neuron", "head", "edge"), density=0.6), out=out_llama, model=llama,
+           tokenizer=llama_tok)
+    result = tmp_path / "result.safetensors"
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
+    proc = subprocess.run([sys.executable, "-I", "-c", _NO_SHEAFPRUNE, str(result), str(out), str(out_llama)],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = load_file(str(result))
+    for i, folder in enumerate((out, out_llama)):
+        ids = tok(["When Mary and John went to the store"], return_tensors="pt")
+        local = load(folder)
+        with torch.no_grad():
+            want = local(**ids).logits
+        diff = (got[f"logits{i}"] - want).abs().max().item()
+        assert diff <= 1e-6, f"{folder.name}: plain transformers vs sheafprune.load max abs diff {diff:.3g}"
+        gen = local.generate(**ids, max_new_tokens=3, do_sample=False)
+        assert torch.equal(got[f"generated{i}"], gen) and gen.shape[1] == ids["input_ids"].shape[1] + 3
+
+
+def test_gate_refuses_and_writes_nothing(gpt2, tmp_path, monkeypatch):
+    model, tok = gpt2
+    real = hf.compact
+
+    def corrupt(view, masks):
+        c = real(view, masks)
+        key = next(k for k in c.tensors if k.endswith("o_w"))
+        # random, not uniform: layernorm cancels a shift along the all-ones direction
+        c.tensors[key] = c.tensors[key] + 1e-3 * torch.randn(c.tensors[key].shape)
+        return c
+
+    monkeypatch.setattr(hf, "compact", corrupt)
+    out = tmp_path / "refused"
+    with pytest.raises(UserError, match=r"differs from the masked sheaf by [0-9.e-]+ \(tolerance 1e-05\)"):
+        export(make_sheaf(model, "tiny-gpt2"), out=out, model=model, tokenizer=tok)
+    assert list(tmp_path.iterdir()) == [], list(tmp_path.iterdir())
+
+
+def test_refuses_sheaf_of_another_model(gpt2, tmp_path):
+    model, tok = gpt2
+    other = load_model("tiny-llama")[0]
+    with pytest.raises(UserError, match="made for model"):
+        export(make_sheaf(other, "tiny-llama"), out=tmp_path / "x", model=model, tokenizer=tok)
+    assert not (tmp_path / "x").exists()
+
+
+def test_cli_export(gpt2, tmp_path, capsys):
+    model, _ = gpt2
+    sheaf_dir = save_sheaf(make_sheaf(model, "tiny-gpt2", density=0.5), tmp_path / "sheaf")
+    out = tmp_path / "export"
+    assert main(["export", str(sheaf_dir), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert f"export written to {out}" in printed and "parameters" in printed, printed
+    assert load(out) is not None
+    assert main(["export", str(sheaf_dir), "--out", str(out)]) == 2  # exists, no --overwrite
+    assert "not empty" in capsys.readouterr().err
+    assert main(["export", str(tmp_path / "missing"), "--out", str(tmp_path / "o")]) == 2
+    assert main(["export", str(sheaf_dir), "--model", "tiny-gpt2", "--out", str(tmp_path / "o")]) == 2

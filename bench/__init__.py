@@ -1,0 +1,1 @@
+"""Benchmarks: each prints its ratios and writes JSON to bench/results/ (not committed)."""

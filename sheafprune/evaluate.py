@@ -160,19 +160,32 @@ def _load_checked(sheaf: Sheaf) -> tuple[Any, Any]:
     return model, tokenizer
 
 
+def _folder_lm(target: Target, *, batch_size: int) -> tuple[Any, dict]:
+    """Exactly what `lm_eval --model hf --model_args pretrained=DIR[,trust_remote_code=True]` builds. An
+    export's remote code is our own modeling_sheaf.py; a foreign model folder's code is not trusted."""
+    from lm_eval.models.huggingface import HFLM
+
+    if target.kind == "export" and not (target.folder / "model.safetensors").is_file():
+        raise UserError(f"{target.folder} holds no model.safetensors (an ONNX-only export?); lm-eval needs "
+                        "it: re-export with --format safetensors or --format all")
+    try:
+        lm = HFLM(pretrained=str(target.folder), trust_remote_code=target.kind == "export", device=_device(),
+                  batch_size=batch_size)
+    except (OSError, ValueError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise UserError(f"lm-eval cannot load the model in {target.folder} ({first}); re-create the folder") from None
+    ident = {"name": target.name, "folder": str(target.folder.resolve())}
+    if lm.model.config.model_type in SUPPORTED_FAMILIES:
+        ident["fingerprint"] = fingerprint(lm.model)
+    return lm, ident
+
+
 def make_lm(target: Target, *, batch_size: int, loaded: Optional[tuple[Any, Any]] = None) -> tuple[Any, dict]:
-    """(lm-eval model, model identity). `loaded` reuses a (model, tokenizer) already loaded for `target`."""
+    """(lm-eval model, model identity). `loaded` reuses the (model, tokenizer) of a sheaf target."""
     from lm_eval.models.huggingface import HFLM
 
     if target.folder is not None and target.kind != "sheaf":
-        # Exactly what `lm_eval --model hf --model_args pretrained=DIR[,trust_remote_code=True]` builds. An
-        # export's remote code is our own modeling_sheaf.py; a foreign folder's code is not trusted.
-        lm = HFLM(pretrained=str(target.folder), trust_remote_code=target.kind == "export", device=_device(),
-                  batch_size=batch_size)
-        ident = {"name": target.name, "folder": str(target.folder.resolve())}
-        if lm.model.config.model_type in SUPPORTED_FAMILIES:
-            ident["fingerprint"] = fingerprint(lm.model)
-        return lm, ident
+        return _folder_lm(target, batch_size=batch_size)
     if target.kind == "sheaf":
         model, tokenizer = loaded or _load_checked(target.sheaf)
         lm = masked_lm(model, tokenizer, target.sheaf.masks(), batch_size=batch_size)
@@ -315,14 +328,17 @@ def _metric_rows(report: dict) -> list[tuple[str, str, float, Any, Any]]:
 
 def format_report(report: dict) -> str:
     """The report as a terminal table: lm-eval's metrics per task, then the sheaf metrics."""
-    ev = report["evaluated"]
-    lines = [f"{ev['path_or_name']} ({ev['kind']}, model {report['model'].get('name')})"]
+    ev, sheaf = report["evaluated"], report.get("sheaf") or {}
+    base = (sheaf.get("model") or {}).get("name") or report["model"].get("name")
+    lines = [f"{ev['path_or_name']} ({ev['kind']} of {base})" if ev["kind"] != "model" else ev["path_or_name"]]
+    split = {t["requested"]: t["split"] or "lm-eval" for t in report["tasks"]}
     rows = _metric_rows(report)
     width = max([len("task")] + [len(r[0]) for r in rows])
-    lines.append(f"{'task':<{width}}  {'metric':<8} {'value':>7} {'stderr':>7} {'n':>6}")
+    lines.append(f"{'task':<{width}}  {'docs':<7} {'metric':<8} {'value':>7} {'stderr':>7} {'n':>6}")
     for task, metric, value, stderr, n in rows:
         err = f"{stderr:7.4f}" if isinstance(stderr, (int, float)) else f"{'-':>7}"
-        lines.append(f"{task:<{width}}  {metric:<8} {value:7.4f} {err} {n if n is not None else '-':>6}")
+        lines.append(f"{task:<{width}}  {split.get(task, '-'):<7} {metric:<8} {value:7.4f} {err} "
+                     f"{n if n is not None else '-':>6}")
     m = report.get("sheaf_metrics")
     if m:
         lines.append(f"sheaf metrics, {m['task']} {m['split']} split (n={m['n']}): full {m['full_accuracy']:.3f}  "

@@ -20,6 +20,7 @@ from sheafprune.arch import view_of
 from sheafprune.cli.main import main
 from sheafprune.errors import UserError
 from sheafprune.evaluate import evaluate
+from sheafprune.export import export
 from sheafprune.lm_tasks import write_tasks
 from sheafprune.masked import mask_shapes, masked_forward
 from sheafprune.models import fingerprint, load_model
@@ -45,17 +46,19 @@ def _acc(report: dict, task: str) -> float:
     return report["results"][task]["acc,none"]
 
 
-def test_eval_cli_matches_plain_lm_eval_cli(tmp_path, capsys):
-    model, tokenizer = load_model("tiny-gpt2")
-    folder = tmp_path / "model"
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
+def test_eval_of_an_export_matches_plain_lm_eval_cli_and_the_sheaf(tmp_path, capsys):
+    """Same export folder, same tasks: `sheafprune eval` = `lm_eval --model hf ...` = the masked sheaf folder."""
+    sheaf_dir = _write_sheaf(tmp_path / "sheaf", "tiny-gpt2", logits_fn=lambda s, g: torch.randn(s, generator=g) + 0.5)
+    folder = tmp_path / "export"
+    export(load_sheaf(sheaf_dir), out=folder)
     tasks = [f"blimp_{PARADIGM}", "ioi"]
     out = tmp_path / "eval.json"
     args = ["eval", str(folder), "--tasks", ",".join(tasks), "--limit", str(LIMIT), "--batch-size", "8"]
     assert main([*args, "--out", str(out)]) == 0
     ours = json.loads(out.read_text())
     assert f"blimp_{PARADIGM}" in capsys.readouterr().out  # the table
+    assert ours["evaluated"]["kind"] == "export" and ours["export"]["max_abs_diff"] <= 1e-5
+    assert ours["sheaf_metrics"]["task"] == "ioi"  # from the export's sheaf/ subfolder
 
     include = tmp_path / "include"
     lm_names = [t.lm_name for t in write_tasks(tasks, include)]
@@ -66,8 +69,10 @@ def test_eval_cli_matches_plain_lm_eval_cli(tmp_path, capsys):
     run = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert run.returncode == 0, run.stderr[-2000:]
     theirs = json.loads(next((tmp_path / "lm_eval_out").rglob("results*.json")).read_text())["results"]
+    via_sheaf = evaluate(sheaf_dir, tasks=tasks, limit=LIMIT, batch_size=8, progress=False)
     for task, lm_name in zip(tasks, lm_names):
         assert _acc(ours, task) == theirs[lm_name]["acc,none"], f"{task}: {_acc(ours, task)} vs {theirs[lm_name]}"
+        assert _acc(ours, task) == _acc(via_sheaf, task), f"{task}: export {_acc(ours, task)} vs sheaf folder"
         assert ours["results"][task]["sample_len"] == LIMIT
 
 

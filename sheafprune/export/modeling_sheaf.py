@@ -289,7 +289,7 @@ class SheafForCausalLM(SheafPreTrainedModel, GenerationMixin):
         if self.out_const is not None:
             h = h + self.out_const
         h = self.norm(h)
-        logits = h @ self.embed.weight.t() if self.lm_head is None else self.lm_head(h)  # (B, T, V)
+        logits = F.linear(h, self.embed.weight) if self.lm_head is None else self.lm_head(h)  # (B, T, V)
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),

@@ -27,9 +27,9 @@ import torch
 from .arch import view_of
 from .errors import UserError
 from .io import read_json, write_json
-from .lm_tasks import LmTask, is_ours, write_tasks
+from .lm_tasks import BLIMP_BUILTIN, LmTask, is_ours, write_tasks
 from .masked import mask_shapes, masked_forward
-from .models import SUPPORTED_FAMILIES, fingerprint, load_model
+from .models import MODELS, SUPPORTED_FAMILIES, fingerprint, load_model
 from .sheaf import Sheaf, check_sheaf_matches, load_sheaf, versions
 from .tasks import load_task
 
@@ -52,7 +52,7 @@ def resolve_target(path_or_name: str | os.PathLike) -> Target:
     """Tell an export folder, a sheaf folder, a model folder and a model name apart (models are not loaded)."""
     name = os.fspath(path_or_name)
     path = Path(name).expanduser()
-    if not path.is_dir():
+    if name in MODELS or not path.is_dir():  # a registry name wins over a folder, as in load_model
         return Target(kind="model", name=name)
     if (path / "masks.safetensors").exists():
         sheaf = load_sheaf(path)
@@ -90,7 +90,11 @@ def _check_builtin(names: list[str], manager: Any) -> None:
             hint = f"did you mean {', '.join(close)}? " if close else ""
             raise UserError(f"unknown task {name!r}: {hint}use one of ours ({', '.join(ours)}) or an lm-eval "
                             "task name (`lm_eval ls tasks` lists them)")
-    if not _hub_reachable() and os.environ.get("HF_HUB_OFFLINE", "") in ("", "0"):
+    from huggingface_hub import constants
+
+    # Offline by choice (HF_HUB_OFFLINE): datasets reads its cache and fails fast. Unreachable by accident:
+    # datasets would retry for ~25 s before failing, so say so now.
+    if not constants.HF_HUB_OFFLINE and not _hub_reachable():
         raise UserError(f"lm-eval task {names[0]!r} needs its dataset from the Hugging Face hub, which cannot be "
                         "reached; run where it can, or set HF_HUB_OFFLINE=1 to use a copy in your HF cache")
     try:
@@ -196,22 +200,22 @@ def make_lm(target: Target, *, batch_size: int, loaded: Optional[tuple[Any, Any]
         "name": target.name, "fingerprint": fingerprint(model)}
 
 
-def sheaf_report(sheaf: Sheaf, *, loaded: tuple[Any, Any], limit: Optional[int], batch_size: int,
+def sheaf_report(sheaf: Sheaf, *, task: str, loaded: tuple[Any, Any], limit: Optional[int], batch_size: int,
                  progress: bool = True) -> dict:
-    """Full / sheaf / complement accuracy, KL(sheaf || full) and accuracy kept, on the task's test split."""
+    """Full / sheaf / complement accuracy, KL(sheaf || full) and accuracy kept, on `task`'s test split."""
     from .objective import sheaf_metrics
 
     model, tokenizer = loaded
-    seed, n = _split_params(sheaf.meta)[sheaf.task]
-    task = load_task(sheaf.task, tokenizer, seed=seed, n=n)
+    seed, n = _split_params(sheaf.meta).get(task, (0, None))
+    loaded_task = load_task(task, tokenizer, seed=seed, n=n)
     if limit is not None:
-        task = replace(task, splits={**task.splits, "test": task.items("test")[:limit]})
+        loaded_task = replace(loaded_task, splits={**loaded_task.splits, "test": loaded_task.items("test")[:limit]})
     if progress:
-        print(f"sheaf metrics: {len(task.items('test'))} test items of {task.name}, full model, sheaf and "
+        print(f"sheaf metrics: {len(loaded_task.items('test'))} test items of {task}, full model, sheaf and "
               "complement ...", file=sys.stderr, flush=True)
-    metrics = sheaf_metrics(view_of(model), tokenizer, task, sheaf.masks(), sheaf.complement_masks(),
+    metrics = sheaf_metrics(view_of(model), tokenizer, loaded_task, sheaf.masks(), sheaf.complement_masks(),
                             split="test", batch_size=batch_size, device=model.device)
-    return {"task": task.name, **metrics, "task_notes": task.notes}
+    return {"task": task, **metrics, "task_notes": loaded_task.notes}
 
 
 def _task_names(tasks: Optional[str | list[str]], target: Target) -> list[str]:
@@ -241,7 +245,7 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def _report(target: Target, ident: dict, lm_tasks: list[LmTask], raw: dict, metrics: Optional[dict], *,
+def _report(target: Target, ident: dict, lm_tasks: list[LmTask], raw: dict, metrics: dict[str, dict], *,
             limit: Optional[int], batch_size: int, seconds: dict) -> dict:
     """Everything one evaluation produced, keyed by the task names the user asked for."""
     rename = {t.lm_name: t.requested for t in lm_tasks}
@@ -257,7 +261,8 @@ def _report(target: Target, ident: dict, lm_tasks: list[LmTask], raw: dict, metr
         "export": sheaf_meta.get("export"),
         "tasks": [asdict(t) for t in lm_tasks],
         "results": {rename.get(k, k): v for k, v in raw["results"].items()},
-        "sheaf_metrics": metrics,
+        "sheaf_metrics": metrics.get(target.sheaf.task) if target.sheaf else None,  # the sheaf's own task
+        "sheaf_metrics_by_task": metrics,
         "lm_eval": {k: raw[k] for k in ("results", "groups", "group_subtasks", "configs", "versions", "n-shot",
                                         "n-samples", "higher_is_better") if k in raw},
         "limit": limit, "batch_size": batch_size, "device": _device(),
@@ -295,10 +300,14 @@ def evaluate(path_or_name: str | os.PathLike, *, tasks: Optional[str | list[str]
         raw = simple_evaluate(model=lm, tasks=[t.lm_name for t in lm_tasks], task_manager=manager, limit=limit,
                               log_samples=False)
         seconds["lm_eval"] = round(time.perf_counter() - start, 2)
-    metrics = None
+    metrics: dict[str, dict] = {}
     if target.sheaf is not None:
         start = time.perf_counter()
-        metrics = sheaf_report(target.sheaf, loaded=loaded, limit=limit, batch_size=batch_size, progress=progress)
+        # The sheaf's own task, then every other task of ours asked for (blimp_<p> is lm-eval's benchmark, not ours).
+        own = [target.sheaf.task] + [n for n in names if is_ours(n) and not n.startswith(BLIMP_BUILTIN)]
+        for task in dict.fromkeys(own):
+            metrics[task] = sheaf_report(target.sheaf, task=task, loaded=loaded, limit=limit,
+                                         batch_size=batch_size, progress=progress)
         seconds["sheaf_metrics"] = round(time.perf_counter() - start, 2)
     report = _report(target, ident, lm_tasks, raw, metrics, limit=limit, batch_size=batch_size, seconds=seconds)
     if out is not None:
@@ -339,11 +348,14 @@ def format_report(report: dict) -> str:
         err = f"{stderr:7.4f}" if isinstance(stderr, (int, float)) else f"{'-':>7}"
         lines.append(f"{task:<{width}}  {split.get(task, '-'):<7} {metric:<8} {value:7.4f} {err} "
                      f"{n if n is not None else '-':>6}")
-    m = report.get("sheaf_metrics")
-    if m:
-        lines.append(f"sheaf metrics, {m['task']} {m['split']} split (n={m['n']}): full {m['full_accuracy']:.3f}  "
-                     f"sheaf {m['sheaf_accuracy']:.3f}  complement {m['complement_accuracy']:.3f}  "
-                     f"kept {m['accuracy_kept']:.1%}  KL(sheaf||full) {m['kl']:.4f}")
+    by_task = report.get("sheaf_metrics_by_task") or {}
+    if by_task:
+        width = max(len(t) for t in by_task)
+        lines.append(f"sheaf metrics (our scoring, test split)\n{'task':<{width}}  {'n':>5} {'full':>6} {'sheaf':>6} "
+                     f"{'compl.':>6} {'kept':>7} {'KL(sheaf||full)':>15}")
+        for task, m in by_task.items():
+            lines.append(f"{task:<{width}}  {m['n']:>5} {m['full_accuracy']:6.3f} {m['sheaf_accuracy']:6.3f} "
+                         f"{m['complement_accuracy']:6.3f} {m['accuracy_kept']:7.1%} {m['kl']:15.4f}")
     elif report.get("export"):
         lines.append("sheaf metrics: none (the export folder has no sheaf/ subfolder)")
     return "\n".join(lines)

@@ -108,13 +108,15 @@ def test_sheaf_folder_runs_through_the_masked_model(tmp_path):
 
 def test_all_ones_sheaf_equals_full_model(tmp_path):
     folder = _write_sheaf(tmp_path / "sheaf", "tiny-gpt2", logits_fn=lambda s, g: torch.full(s, 3.0))
-    tasks = [f"blimp_{PARADIGM}", "ioi"]
+    tasks = [f"blimp_{PARADIGM}", "ioi", f"blimp/{PARADIGM}"]
     via_sheaf = evaluate(folder, tasks=tasks, limit=LIMIT, batch_size=16, progress=False)
     full = evaluate("tiny-gpt2", tasks=tasks, limit=LIMIT, batch_size=16, progress=False)
     for task in tasks:
         assert _acc(via_sheaf, task) == _acc(full, task), f"{task}: {_acc(via_sheaf, task)} vs {_acc(full, task)}"
-    m = via_sheaf["sheaf_metrics"]
-    assert m["sheaf_accuracy"] == m["full_accuracy"] and m["kl"] == pytest.approx(0.0, abs=1e-6), m
+    assert via_sheaf["sheaf_metrics"]["task"] == "ioi"  # the sheaf's own task, then our other tasks asked for
+    assert list(via_sheaf["sheaf_metrics_by_task"]) == ["ioi", f"blimp/{PARADIGM}"]
+    for m in via_sheaf["sheaf_metrics_by_task"].values():
+        assert m["sheaf_accuracy"] == m["full_accuracy"] and m["kl"] == pytest.approx(0.0, abs=1e-6), m
     assert full["sheaf_metrics"] is None and full["model"]["fingerprint"] == via_sheaf["model"]["fingerprint"]
 
 
@@ -131,9 +133,10 @@ def test_unknown_task_is_one_line_error_before_loading(capsys):
 
 
 def test_unreachable_lm_eval_dataset_is_user_error(monkeypatch):
+    """An lm-eval task whose dataset is on the hub: refused at once when the hub is unreachable, or (with
+    HF_HUB_OFFLINE set, as in CI) as soon as datasets finds it missing from the HF cache."""
     monkeypatch.setattr("sheafprune.evaluate._hub_reachable", lambda: False)
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    with pytest.raises(UserError, match="cannot be reached"):
+    with pytest.raises(UserError, match="cannot be reached|cannot load the dataset of lm-eval task"):
         evaluate("tiny-gpt2", tasks=["arc_easy"])
 
 

@@ -256,7 +256,8 @@ def _report(target: Target, ident: dict, lm_tasks: list[LmTask], raw: dict, metr
         "model": ident,
         "sheaf": None if not target.meta else {
             "task": sheaf_meta.get("task"), "granularity": sheaf_meta.get("granularity"),
-            "density": sheaf_meta.get("density"), "model": sheaf_meta.get("model"),
+            "density": sheaf_meta.get("density") or (target.sheaf.density() if target.sheaf else None),
+            "model": sheaf_meta.get("model"),
             "metrics_at_discovery": sheaf_meta.get("metrics")},
         "export": sheaf_meta.get("export"),
         "tasks": [asdict(t) for t in lm_tasks],

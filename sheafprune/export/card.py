@@ -47,7 +47,7 @@ def model_card(meta: dict[str, Any], info: dict[str, Any], formats: list[str]) -
         "from transformers import AutoModelForCausalLM, AutoTokenizer",
         'model = AutoModelForCausalLM.from_pretrained("PATH", trust_remote_code=True)  # no sheafprune needed',
         'tokenizer = AutoTokenizer.from_pretrained("PATH")',
-        "# or, with sheafprune installed: import sheafprune; model = sheafprune.load(\"PATH\")",
+        "# or, with sheafprune installed: from sheafprune.export import load; model = load(\"PATH\")",
         "```",
         "",
         "`modeling_sheaf.py` (torch + transformers only) defines the architecture. `generate()` works; it "

@@ -121,7 +121,8 @@ def export(sheaf: Sheaf, *, out: Path, formats: Iterable[str] | str = ("safetens
         tokenizer.save_pretrained(str(tmp))
         save_sheaf(sheaf, tmp / "sheaf")
         write_json(tmp / "sheaf.json", {**sheaf.meta, "export": info})
-        (tmp / "README.md").write_text(model_card(sheaf.meta, info, sorted(fmts)))
+        meta = {**sheaf.meta, "density": sheaf.meta.get("density") or sheaf.density()}
+        (tmp / "README.md").write_text(model_card(meta, info, sorted(fmts)))
     return info
 
 

@@ -56,43 +56,18 @@ class SheafConfig(PretrainedConfig):
         super().__init__(**kwargs)
 
 
-def writer_names(config: SheafConfig) -> list[str]:
-    """The kept writers in residual-stream order."""
-    names = ["in"]
-    for spec in config.layers:
-        names += [f"a{spec['layer']}.h{h}" for h in spec["heads"]]
-        if spec["n_neurons"]:
-            names.append(f"m{spec['layer']}")
-    return names
-
-
-def read_matrix(reads: list[list[str]], writers: list[str]) -> Optional[Tensor]:
-    """Per-reader lists of writer names -> (W, R) 0/1 matrix over `writers`; None if every reader reads all.
-
-    Built on the CPU on purpose (also under from_pretrained's meta-device init): index tables are
-    derived from the config, never loaded, so they are plain attributes moved to the input's device."""
-    if all(sorted(r) == sorted(writers) for r in reads):
-        return None
-    index = {w: i for i, w in enumerate(writers)}
-    m = torch.zeros(len(writers), len(reads), device="cpu")  # (W, R)
-    for r, names in enumerate(reads):
-        for name in names:
-            m[index[name], r] = 1.0
-    return m
-
-
 class Norm(nn.Module):
     """LayerNorm or RMSNorm, computed as the source families compute them."""
 
     def __init__(self, config: SheafConfig):
         super().__init__()
-        self.kind, self.eps = config.norm, config.norm_eps
+        self.kind, self.eps, self.dim = config.norm, config.norm_eps, config.hidden_size
         self.weight = nn.Parameter(torch.empty(config.hidden_size))
         self.bias = nn.Parameter(torch.empty(config.hidden_size)) if self.kind == "layernorm" else None
 
     def forward(self, x: Tensor) -> Tensor:
         if self.kind == "layernorm":
-            return F.layer_norm(x, (x.shape[-1],), self.weight, self.bias, self.eps)
+            return F.layer_norm(x, (self.dim,), self.weight, self.bias, self.eps)
         dtype = x.dtype
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -100,7 +75,7 @@ class Norm(nn.Module):
 
 
 class Stream:
-    """The writers' outputs as chunks (n, B, T, D) plus their running sum (for readers that read everything)."""
+    """The writers' outputs as chunks (n, B, T, D), one per add(), plus their running sum."""
 
     def __init__(self) -> None:
         self.chunks: list[Tensor] = []
@@ -111,17 +86,44 @@ class Stream:
         s = chunk.sum(0)
         self.total = s if self.total is None else self.total + s
 
-    def read(self, mask: Optional[Tensor]) -> Tensor:
-        """mask (W, R) -> (R, B, T, D); None (every reader reads every writer) -> (1, B, T, D)."""
-        if mask is None:
-            return self.total.unsqueeze(0)
-        out, row = None, 0
-        for chunk in self.chunks:
-            n = chunk.shape[0]
-            part = mask[row:row + n].t().to(chunk.dtype) @ chunk.reshape(n, -1)  # (R, B*T*D)
-            out = part if out is None else out + part
-            row += n
-        return out.reshape(mask.shape[1], *self.chunks[0].shape[1:])  # (R, B, T, D)
+
+class Reader:
+    """How a group of R readers reads the stream: gather the K writers any of them reads, then one (R, K) 0/1
+    matmul. A group whose readers all read every writer reads the running sum instead.
+
+    The tables come from the config, never from the weights file, so they are plain CPU tensors (also under
+    from_pretrained's meta-device init) moved to the input's device when used."""
+
+    def __init__(self, reads: list[list[str]], chunks: list[list[str]]):
+        writers = sorted(w for chunk in chunks for w in chunk)
+        self.n_readers = len(reads)
+        self.reads_all = all(sorted(r) == writers for r in reads)
+        needed = {w for r in reads for w in r}
+        self.picks: list[tuple[int, Optional[Tensor]]] = []  # (chunk, its rows; None = all of them)
+        order: list[str] = []
+        for c, chunk in enumerate(chunks):
+            rows = [i for i, w in enumerate(chunk) if w in needed]
+            if rows:
+                self.picks.append((c, None if len(rows) == len(chunk) else torch.tensor(rows, device="cpu")))
+                order += [chunk[i] for i in rows]
+        index = {w: i for i, w in enumerate(order)}
+        self.weight = torch.zeros(len(order), len(reads), device="cpu")  # (K, R)
+        for r, names in enumerate(reads):
+            for name in names:
+                self.weight[index[name], r] = 1.0
+
+    def __call__(self, stream: Stream) -> Tensor:
+        """(R, B, T, D); (1, B, T, D) when every reader reads everything."""
+        total = stream.total  # (B, T, D)
+        if self.reads_all:
+            return total.unsqueeze(0)
+        if not self.picks:
+            return total.new_zeros(self.n_readers, *total.shape)
+        parts = [stream.chunks[c] if rows is None else stream.chunks[c].index_select(0, rows.to(total.device))
+                 for c, rows in self.picks]
+        x = parts[0] if len(parts) == 1 else torch.cat(parts)  # (K, B, T, D)
+        out = self.weight.to(total.device, total.dtype).t() @ x.reshape(x.shape[0], -1)  # (R, B*T*D)
+        return out.reshape(self.n_readers, *total.shape)
 
 
 def _linear_heads(x: Tensor, w: Tensor, b: Optional[Tensor]) -> Tensor:
@@ -141,7 +143,7 @@ def _rotate_half(x: Tensor) -> Tensor:
 class SheafLayer(nn.Module):
     """One kept layer: its kept heads (any subset, GQA groups kept as needed) and its kept MLP neurons."""
 
-    def __init__(self, config: SheafConfig, spec: dict[str, Any], writers_before: list[str]):
+    def __init__(self, config: SheafConfig, spec: dict[str, Any], chunks_before: list[list[str]]):
         super().__init__()
         d, hd = config.hidden_size, config.head_dim
         self.n_heads, self.n_kv, self.n_neurons = len(spec["heads"]), len(spec["kv_heads"]), spec["n_neurons"]
@@ -149,7 +151,7 @@ class SheafLayer(nn.Module):
         self.act = ACT2FN[config.hidden_act]
         const = set(spec.get("const", []))
         head_names = [f"a{spec['layer']}.h{h}" for h in spec["heads"]]
-        self.reads: dict[str, Optional[Tensor]] = {}
+        self.readers: dict[str, Reader] = {}
         if self.n_heads:
             self.attn_norm = Norm(config)
             self.q_w = nn.Parameter(torch.empty(self.n_heads, d, hd))  # (H, D, hd)
@@ -163,7 +165,7 @@ class SheafLayer(nn.Module):
             self.o_b = nn.Parameter(torch.empty(d)) if bias else None  # each head's share of the output bias
             self.kv_of_q = torch.tensor(spec["kv_of_q"], dtype=torch.long, device="cpu")  # (H,)
             for site, n in (("q", self.n_heads), ("k", self.n_kv), ("v", self.n_kv)):
-                self._reader(site, spec["reads"][site], writers_before, n if site in const else 0, d)
+                self._reader(site, spec["reads"][site], chunks_before, n if site in const else 0, d)
         if self.n_neurons:
             i = self.n_neurons
             self.mlp_norm = Norm(config)
@@ -174,18 +176,18 @@ class SheafLayer(nn.Module):
             self.b_gate = nn.Parameter(torch.empty(i)) if config.mlp_bias and config.gated else None
             # b_out also holds the constants of folded neurons, so it may exist in a bias-free family.
             self.b_out = nn.Parameter(torch.empty(d)) if spec.get("b_out", True) else None
-            self._reader("mlp", [spec["reads"]["mlp"]], writers_before + head_names, 1 if "mlp" in const else 0, d)
+            chunks = chunks_before + ([head_names] if head_names else [])
+            self._reader("mlp", [spec["reads"]["mlp"]], chunks, 1 if "mlp" in const else 0, d)
 
-    def _reader(self, site: str, reads: list[list[str]], writers: list[str], n_const: int, d: int) -> None:
-        self.reads[site] = read_matrix(reads, writers)  # (W, R) or None
+    def _reader(self, site: str, reads: list[list[str]], chunks: list[list[str]], n_const: int, d: int) -> None:
+        self.readers[site] = Reader(reads, chunks)
         if n_const:
             self.register_parameter(f"{site}_const", nn.Parameter(torch.empty(n_const, d)))  # (R, D)
         else:
             self.register_parameter(f"{site}_const", None)
 
     def read(self, stream: Stream, site: str) -> Tensor:
-        m = self.reads[site]
-        x = stream.read(None if m is None else m.to(stream.total.device))  # (R, B, T, D); R = 1 if m is None
+        x = self.readers[site](stream)  # (R, B, T, D), R = 1 if every reader reads everything
         const = getattr(self, f"{site}_const")
         return x if const is None else x + const[:, None, None, :]
 
@@ -242,16 +244,18 @@ class SheafForCausalLM(SheafPreTrainedModel, GenerationMixin):
         d = config.hidden_size
         self.embed = nn.Embedding(config.vocab_size, d)
         self.pos = nn.Embedding(config.max_position_embeddings, d) if config.positional == "learned" else None
-        writers = ["in"]
+        chunks: list[list[str]] = [["in"]]  # writer names, grouped as the stream adds them
         layers = []
         for spec in config.layers:
-            layers.append(SheafLayer(config, spec, list(writers)))
-            writers += [f"a{spec['layer']}.h{h}" for h in spec["heads"]] + (
-                [f"m{spec['layer']}"] if spec["n_neurons"] else [])
+            layers.append(SheafLayer(config, spec, list(chunks)))
+            if spec["heads"]:
+                chunks.append([f"a{spec['layer']}.h{h}" for h in spec["heads"]])
+            if spec["n_neurons"]:
+                chunks.append([f"m{spec['layer']}"])
         self.layers = nn.ModuleList(layers)
         self.norm = Norm(config)
         self.lm_head = None if config.tie_head else nn.Linear(d, config.vocab_size, bias=False)
-        self.out_read = read_matrix([config.out_reads], writers)  # (W, 1) or None
+        self.out_reader = Reader([config.out_reads], chunks)
         self.out_const = nn.Parameter(torch.empty(d)) if config.out_const else None
         self.inv_freq = torch.tensor(config.rope_inv_freq, dtype=torch.float32, device="cpu")  # (hd/2,)
         self.post_init()
@@ -284,8 +288,7 @@ class SheafForCausalLM(SheafPreTrainedModel, GenerationMixin):
         rope = self._rope(position_ids)
         for layer in self.layers:
             layer(stream, bias, rope)
-        out_read = None if self.out_read is None else self.out_read.to(x.device)
-        h = stream.read(out_read)[0]  # (B, T, D)
+        h = self.out_reader(stream)[0]  # (B, T, D)
         if self.out_const is not None:
             h = h + self.out_const
         h = self.norm(h)

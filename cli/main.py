@@ -1,4 +1,5 @@
-"""`sheafprune` command line: parse, call one library verb, print. Bad input -> `error: ...`, exit code 2."""
+"""`sheafprune` command line: parse, call one library verb, print. Bad input -> `error: ...`, exit code 2; a run
+that cannot go on (RunFailed, e.g. a NaN loss) -> `error: ...`, exit code 1."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import argparse
 import importlib
 import sys
 
-from sheafprune.errors import UserError
+from sheafprune.errors import RunFailed, UserError
 
 # Each command lives in its own module exposing `register(subparsers)`; the handler is set as `func`.
 COMMANDS = ("discover", "export", "eval", "show", "listing")
@@ -38,6 +39,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except RunFailed as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

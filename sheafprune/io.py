@@ -19,6 +19,16 @@ def check_out_dir(out: Path, *, overwrite: bool) -> None:
         raise UserError(f"output path {out} exists and is not a folder; choose another --out")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise UserError(f"output folder {out} exists and is not empty; pass --overwrite or choose another --out")
+    # Fail now, not after a long run: the nearest existing folder up the path must be one we can write into.
+    parent = out.absolute().parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise UserError(f"cannot write to {out}: {parent} is not a folder; choose a writable --out")
+    try:  # a real try, not os.access: root passes permission checks but not a read-only or virtual file system
+        os.rmdir(tempfile.mkdtemp(prefix=".sheafprune-probe-", dir=parent))
+    except OSError as e:
+        raise UserError(f"cannot write to {out}: {parent} is not writable ({e.strerror}); choose a writable --out") from None
 
 
 @contextlib.contextmanager
@@ -29,6 +39,7 @@ def atomic_dir(out: Path, *, overwrite: bool = False) -> Iterator[Path]:
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private; an output folder is readable like any other
     except OSError as e:
         raise UserError(f"cannot write to {out.parent}: {e.strerror}; choose a writable --out") from None
     try:

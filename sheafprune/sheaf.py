@@ -106,15 +106,15 @@ def load_sheaf(path: Path) -> Sheaf:
     path = Path(path)
     if not path.is_dir():
         raise UserError(f"sheaf folder {path} does not exist; run `sheafprune discover ... --out {path}` first")
-    if (path / "model.safetensors").exists() and not (path / "masks.safetensors").exists():
-        raise UserError(f"{path} is an export folder, not a sheaf folder; pass the folder `sheafprune discover` wrote")
+    exported = any((path / name).exists() for name in ("model.safetensors", "model.onnx", "sheaf"))
+    if exported and not (path / "masks.safetensors").exists():
+        raise UserError(f"{path} is an export folder, not a sheaf folder; pass the folder `sheafprune discover` wrote"
+                        + (f" (this export keeps its sheaf in {path / 'sheaf'})" if (path / "sheaf").is_dir() else ""))
     meta = read_json(path / "sheaf.json", what="sheaf")
     if meta.get("format") != FORMAT:
         raise UserError(f"{path}/sheaf.json has format {meta.get('format')!r}, expected {FORMAT!r}; "
                         "re-run discovery with this version of sheafprune")
-    for key in ("model", "task", "granularity"):
-        if key not in meta:
-            raise UserError(f"{path}/sheaf.json lacks the key {key!r}; the file is damaged, re-run discovery")
+    _check_meta(meta, path / "sheaf.json")
     masks_file = path / "masks.safetensors"
     if not masks_file.exists():
         raise UserError(f"{masks_file} is missing; the sheaf folder is incomplete, re-run discovery")
@@ -130,6 +130,24 @@ def load_sheaf(path: Path) -> Sheaf:
         if not torch.isfinite(v).all():
             raise UserError(f"{masks_file}: tensor {k!r} has NaN/inf logits; the file is corrupt, re-run discovery")
     return Sheaf(logits=logits, meta=meta, curve=_read_curve(path / "metrics.jsonl"))
+
+
+def _check_meta(meta: dict[str, Any], where: Path) -> None:
+    """The keys every reader relies on, with the types it relies on: a damaged file is one UserError here,
+    not a KeyError or TypeError deep inside export or eval."""
+    for key in ("model", "task", "granularity"):
+        if key not in meta:
+            raise UserError(f"{where} lacks the key {key!r}; the file is damaged, re-run discovery")
+    model = meta["model"]
+    if not (isinstance(model, dict) and all(isinstance(model.get(k), str) and model[k] for k in ("name", "fingerprint"))):
+        raise UserError(f"{where}: 'model' must be an object with the strings 'name' and 'fingerprint', got "
+                        f"{json.dumps(model)[:80]}; the file is damaged, re-run discovery")
+    if not isinstance(meta["task"], str) or not meta["task"]:
+        raise UserError(f"{where}: 'task' must be a task name, got {json.dumps(meta['task'])[:80]}; re-run discovery")
+    gran = meta["granularity"]
+    if not (isinstance(gran, list) and gran and all(g in MASK_TYPES for g in gran)):
+        raise UserError(f"{where}: 'granularity' must be a list of {', '.join(MASK_TYPES)}, got "
+                        f"{json.dumps(gran)[:80]}; re-run discovery")
 
 
 def _read_curve(path: Path) -> list[dict[str, Any]]:

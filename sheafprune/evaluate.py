@@ -67,6 +67,22 @@ def resolve_target(path_or_name: str | os.PathLike) -> Target:
     return Target(kind="export", name=name, folder=path, sheaf=sheaf, meta=meta)
 
 
+def check_export_code(folder: Path) -> None:
+    """lm-eval loads an export with trust_remote_code, i.e. it runs the folder's Python. Allow that only for the
+    modeling file this sheafprune ships, byte for byte, named by the auto_map it writes; refuse anything else."""
+    from .export import hf, modeling_sheaf
+
+    config = read_json(folder / "config.json", what="export")
+    if config.get("auto_map") != hf.AUTO_MAP:
+        raise UserError(f"{folder}/config.json has auto_map {config.get('auto_map')!r}, not sheafprune's "
+                        f"{hf.AUTO_MAP!r}; its code is not ours and is not run: re-export the sheaf with this sheafprune")
+    ours = Path(modeling_sheaf.__file__).read_bytes()
+    theirs = folder / "modeling_sheaf.py"
+    if not theirs.is_file() or theirs.read_bytes() != ours:
+        raise UserError(f"{theirs} is missing or is not the one this sheafprune ships, and lm-eval would run it; "
+                        "re-export the sheaf with this sheafprune (`sheafprune export SHEAF_DIR --out DIR`)")
+
+
 def _split_params(meta: Optional[dict]) -> dict[str, tuple[int, Optional[int]]]:
     """The sheaf's task is cut into splits with discovery's seed and item count, so its test split is held out."""
     if not meta:
@@ -172,6 +188,8 @@ def _folder_lm(target: Target, *, batch_size: int) -> tuple[Any, dict]:
     if target.kind == "export" and not (target.folder / "model.safetensors").is_file():
         raise UserError(f"{target.folder} holds no model.safetensors (an ONNX-only export?); lm-eval needs "
                         "it: re-export with --format safetensors or --format all")
+    if target.kind == "export":
+        check_export_code(target.folder)
     try:
         lm = HFLM(pretrained=str(target.folder), trust_remote_code=target.kind == "export", device=_device(),
                   batch_size=batch_size)

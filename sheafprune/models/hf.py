@@ -61,18 +61,32 @@ def load_folder(path: Path, *, dtype: torch.dtype, name: str) -> Loaded:
     except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as error:
         raise UserError(f"{str(config_file)!r} is not a valid JSON config ({_first_line(error)}); "
                         "re-save the model with save_pretrained") from None
+    if model_type == "sheaf" and (path / "sheaf.json").is_file():
+        made_for = _made_for(path / "sheaf.json")
+        raise UserError(f"{str(path)!r} is a sheafprune export (a pruned model), not a model to prune; pass the "
+                        f"model it was made from{made_for}, or load the export with sheafprune.export.load")
     check_family(model_type, source=f"folder {str(path)!r}")
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        # safetensors only: reading a pytorch_model.bin means unpickling it, which can run code.
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True)
     except (OSError, ValueError) as error:
-        raise UserError(f"cannot load the weights in {str(path)!r} ({_first_line(error)}); "
-                        "re-save the model with save_pretrained") from None
+        raise UserError(f"cannot load the weights in {str(path)!r} ({_first_line(error)}); sheafprune reads "
+                        "only model.safetensors: re-save the model with save_pretrained") from None
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError, TypeError) as error:
         raise UserError(f"cannot load a tokenizer from {str(path)!r} ({_first_line(error)}); "
                         "save the tokenizer into the folder too (tokenizer.save_pretrained)") from None
     return prepare(model, tokenizer, name=name)
+
+
+def _made_for(sheaf_json: Path) -> str:
+    """" (NAME)" from an export's sheaf.json, or "" when it cannot be read."""
+    try:
+        name = json.loads(sheaf_json.read_text(encoding="utf-8"))["model"]["name"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return ""
+    return f" ({name!r})" if isinstance(name, str) else ""
 
 
 def _hub_resolvable() -> bool:
@@ -96,7 +110,8 @@ def load_hub(repo_id: str, *, dtype: torch.dtype) -> Loaded:
     try:
         config = AutoConfig.from_pretrained(repo_id, local_files_only=offline)
         check_family(config.model_type, source=f"hub model {repo_id!r}")
-        model = AutoModelForCausalLM.from_pretrained(repo_id, dtype=dtype, local_files_only=offline)
+        model = AutoModelForCausalLM.from_pretrained(repo_id, dtype=dtype, local_files_only=offline,
+                                                     use_safetensors=True)
         tokenizer = AutoTokenizer.from_pretrained(repo_id, local_files_only=offline)
     except (OSError, ValueError) as error:
         if offline:

@@ -6,6 +6,7 @@ Unknown keys and out-of-range values are UserErrors. The resolved config is save
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Optional
@@ -17,6 +18,8 @@ from .errors import UserError
 GRANULARITIES = ("weight", "neuron", "head", "edge")
 GATES = ("concrete", "hard_concrete")
 SCHEDULES = ("joint", "staged")
+
+_FLOATS = ("lr", "dual_lr", "lambda_complete", "warmup", "tau_weight", "tau_edge", "init_mean", "init_std")
 
 
 @dataclass(frozen=True)
@@ -46,21 +49,37 @@ class DiscoverConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        bad = [g for g in self.granularity if g not in GRANULARITIES]
+        if not isinstance(self.target_density, Mapping):
+            raise UserError(f"target_density must map mask types to densities, e.g. weight=0.03,edge=0.03, "
+                            f"got {self.target_density!r}")
+        bad = [str(g) for g in self.granularity if g not in GRANULARITIES]
         if bad or not self.granularity:
             raise UserError(f"unknown granularity {','.join(bad) or '(empty)'}; use any of {','.join(GRANULARITIES)}")
         for t, d in self.target_density.items():
             if t not in self.granularity:
                 raise UserError(f"--target-density names {t!r}, which is not in --granularity {','.join(self.granularity)}")
-            if not (0.0 < float(d) <= 1.0):
+            if isinstance(d, bool) or not isinstance(d, (int, float)) or not (0.0 < d <= 1.0):
                 raise UserError(f"target density {t}={d} is outside (0, 1]")
         if self.gate not in GATES:
             raise UserError(f"unknown gate {self.gate!r}; use one of {', '.join(GATES)}")
         if self.schedule not in SCHEDULES:
             raise UserError(f"unknown schedule {self.schedule!r}; use one of {', '.join(SCHEDULES)}")
-        for name in ("steps", "batch_size", "eval_every", "checkpoint_every"):
-            if int(getattr(self, name)) <= 0:
-                raise UserError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(self, name)}")
+        for name in ("steps", "batch_size", "eval_every", "checkpoint_every", "seed", "n_items"):
+            value = getattr(self, name)
+            if value is None and name == "n_items":
+                continue
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise UserError(f"--{name.replace('_', '-')} must be an integer, got {value!r}")
+            if value <= 0 and name != "seed":
+                raise UserError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
+        # `not x > 0`, not `x <= 0`: NaN is neither, and a NaN learning rate or temperature poisons the run.
+        for name in _FLOATS:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise UserError(f"--{name.replace('_', '-')} must be a finite number, got {value!r}")
+        for name in ("lr", "dual_lr", "tau_weight", "tau_edge"):
+            if not getattr(self, name) > 0:
+                raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
         if self.lr <= 0:
             raise UserError(f"--lr must be positive, got {self.lr}")
         if not (0.0 <= self.warmup <= 1.0):
@@ -107,8 +126,16 @@ def resolve_config(*, yaml_path: Optional[Path] = None, overrides: Optional[Mapp
         raise UserError(f"unknown config key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
     if isinstance(values.get("granularity"), str):
         values["granularity"] = tuple(g.strip() for g in values["granularity"].split(",") if g.strip())
-    elif "granularity" in values:
+    elif isinstance(values.get("granularity"), (list, tuple)):
         values["granularity"] = tuple(values["granularity"])
+    elif "granularity" in values:
+        raise UserError(f"granularity must be a list such as weight,edge, got {values['granularity']!r}")
+    for name in _FLOATS:  # YAML 1.1 reads 1e-3 (no dot) as a string
+        if isinstance(values.get(name), str):
+            try:
+                values[name] = float(values[name])
+            except ValueError:
+                raise UserError(f"--{name.replace('_', '-')} must be a number, got {values[name]!r}") from None
     if isinstance(values.get("target_density"), str):
         values["target_density"] = parse_density(values["target_density"])
     if "granularity" in values and "target_density" not in values:

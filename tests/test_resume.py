@@ -1,0 +1,274 @@
+"""Interrupting discovery anywhere (SIGKILL, SIGINT, a KeyboardInterrupt at each stage of a step) and resuming
+gives the very sheaf an uninterrupted run gives; checkpoints fall back past a corrupt newest one; a NaN loss stops
+the run with one clear line and keeps the last good checkpoint; killing an export leaves no folder or a whole one
+(issue 6)."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+import sheafprune.checkpoint as ckpt
+import sheafprune.train as train
+from sheafprune.cli.main import main
+from sheafprune.config import resolve_config
+from sheafprune.discover import discover, work_dir_for
+from sheafprune.errors import UserError
+from sheafprune.maskparams import MaskLogits
+
+SHEAFPRUNE = Path(sys.executable).with_name("sheafprune")
+# Small but not trivial: masks move (lr 0.5), the targets are met early so the best-sheaf tracking is exercised,
+# every step is checkpointed or evaluated at some point, and a run takes ~1 s.
+CONFIG = dict(model="tiny-gpt2", task="ioi", n_items=20, steps=6, batch_size=2, eval_every=2, checkpoint_every=2,
+              lr=0.5, warmup=0.3, target_density={"weight": 0.9, "edge": 0.9}, early_stop=False, seed=3)
+
+
+def masks_of(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(folder / "masks.safetensors"))
+
+
+def assert_same_sheaf(got: Path, want: Path) -> None:
+    a, b = masks_of(got), masks_of(want)
+    assert a.keys() == b.keys()
+    diff = {k: float((a[k] - b[k]).abs().max()) for k in a if not torch.equal(a[k], b[k])}
+    assert not diff, f"mask logits differ from the uninterrupted run: {diff}"
+    ma, mb = (json.loads((f / "sheaf.json").read_text()) for f in (got, want))
+    assert ma["training"]["steps"] == mb["training"]["steps"] and ma["density"] == mb["density"], (ma, mb)
+    assert ma["training"]["best_step"] == mb["training"]["best_step"]
+    rows = lambda f: [{k: v for k, v in json.loads(r).items() if k != "time"}  # noqa: E731
+                      for r in (f / "metrics.jsonl").read_text().splitlines()]
+    assert rows(got) == rows(want), "training curves differ"
+
+
+@pytest.fixture(scope="module")
+def cfg():
+    return resolve_config(overrides=CONFIG)
+
+
+@pytest.fixture(scope="module")
+def reference(cfg, tmp_path_factory) -> Path:
+    """The uninterrupted run."""
+    out = tmp_path_factory.mktemp("ref") / "sheaf"
+    discover(cfg, out=out, progress=False)
+    assert masks_of(out)["edge/" + next(k[5:] for k in masks_of(out) if k.startswith("edge/"))].numel() > 0
+    return out
+
+
+def _interrupt_once(monkeypatch, owner, name: str, *, at_call: int, before: bool = True) -> None:
+    """Raise KeyboardInterrupt on call number `at_call` of owner.name (before or after the real call)."""
+    real = getattr(owner, name)
+    calls = {"n": 0}
+
+    def wrapper(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == at_call and before:
+            raise KeyboardInterrupt
+        result = real(*args, **kwargs)
+        if calls["n"] == at_call:
+            raise KeyboardInterrupt
+        return result
+
+    monkeypatch.setattr(owner, name, wrapper)
+
+
+# Where Ctrl-C lands: (what is patched, call number, before/after the real call). Steps are 0-based; step 3 is the
+# fourth optimizer step, evaluated and checkpointed at its end.
+POINTS = {
+    "forward of step 3": (train, "faithfulness", 4, True),
+    "between optimizer step and dual step of step 3": (MaskLogits, "dual_step", 4, True),
+    "dev evaluation after step 4": (train.Trainer, "evaluate", 2, True),
+    "writing the checkpoint of step 4": (ckpt, "save_file", 2, False),
+}
+KNOWN_BAD = {  # train.py, which this test may not change: see the xfail reasons
+    "between optimizer step and dual step of step 3":
+        "Ctrl-C between optimizer.step() and self.step += 1 checkpoints the stepped logits under the old step "
+        "number, so resume applies step 3 twice (train.py: defer KeyboardInterrupt to the step boundary)",
+    "dev evaluation after step 4":
+        "Ctrl-C inside _eval_and_track checkpoints step 4 without its curve row and dev metrics, and resume never "
+        "re-evaluates step 4, so the curve and the best sheaf differ (train.py: defer KeyboardInterrupt)",
+}
+
+
+@pytest.mark.parametrize("point", [
+    pytest.param(p, marks=pytest.mark.xfail(strict=True, reason=KNOWN_BAD[p])) if p in KNOWN_BAD else p
+    for p in POINTS])
+def test_ctrl_c_anywhere_then_resume_gives_the_same_sheaf(point, cfg, reference, tmp_path, monkeypatch):
+    owner, name, at_call, before = POINTS[point]
+    out = tmp_path / "sheaf"
+    with monkeypatch.context() as m:
+        _interrupt_once(m, owner, name, at_call=at_call, before=before)
+        with pytest.raises(KeyboardInterrupt):
+            discover(cfg, out=out, progress=False)
+    assert not out.exists() and any(work_dir_for(out).glob("ckpt-*.json"))
+    discover(cfg, out=out, resume=True, progress=False)
+    assert_same_sheaf(out, reference)
+    assert not work_dir_for(out).exists(), "the run folder is removed once the sheaf is written"
+
+
+def test_corrupt_newest_checkpoint_falls_back_and_resume_still_matches(cfg, reference, tmp_path, monkeypatch):
+    out = tmp_path / "sheaf"
+    with monkeypatch.context() as m:
+        _interrupt_once(m, train, "faithfulness", at_call=6)  # in step 5: checkpoints 4 and (Ctrl-C) 5 exist
+        with pytest.raises(KeyboardInterrupt):
+            discover(cfg, out=out, progress=False)
+    work = work_dir_for(out)
+    assert sorted(p.name for p in work.glob("ckpt-*.json")) == ["ckpt-00000004.json", "ckpt-00000005.json"]
+    newest = work / "ckpt-00000005.safetensors"
+    newest.write_bytes(newest.read_bytes()[:100])
+    assert ckpt.load_latest(work)[2]["step"] == 4
+    discover(cfg, out=out, resume=True, progress=False)
+    assert_same_sheaf(out, reference)
+
+
+def test_checkpoint_fallback_and_full_disk(tmp_path, monkeypatch):
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.ones(3))])
+    info = {"config": {}, "curve": [], "elapsed": 0.0}
+    for step in (2, 4):
+        ckpt.save_checkpoint(tmp_path, step=step, tensors={"x": torch.full((3,), float(step))},
+                             optimizer_state=opt.state_dict(), info=info)
+    assert ckpt.load_latest(tmp_path)[2]["step"] == 4
+    damage = {
+        "truncated tensors": lambda: (tmp_path / "ckpt-00000004.safetensors").write_bytes(b"\x08\x00"),
+        "no tensors (killed between the two files)": lambda: (tmp_path / "ckpt-00000004.safetensors").unlink(),
+        "JSON cut short": lambda: (tmp_path / "ckpt-00000004.json").write_text('{"step": 4, "opt'),
+        "JSON without its keys": lambda: (tmp_path / "ckpt-00000004.json").write_text('{"step": 4}'),
+        "JSON of another step": lambda: (tmp_path / "ckpt-00000004.json").write_text(
+            (tmp_path / "ckpt-00000002.json").read_text()),
+    }
+    good = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    for what, spoil in damage.items():
+        spoil()
+        found = ckpt.load_latest(tmp_path)
+        assert found is not None and found[2]["step"] == 2 and float(found[0]["x"][0]) == 2.0, what
+        for name, data in good.items():
+            (tmp_path / name).write_bytes(data)
+
+    def full(tensors, filename, **kw):
+        Path(filename).write_bytes(b"half")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(ckpt, "save_file", full)
+    with pytest.raises(UserError, match=r"cannot write a checkpoint to .*: No space left on device; free some space "
+                                         r"and run again with --resume"):
+        ckpt.save_checkpoint(tmp_path, step=6, tensors={"x": torch.zeros(3)}, optimizer_state=opt.state_dict(),
+                             info=info)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(good), "partial files left"
+    assert ckpt.load_latest(tmp_path)[2]["step"] == 4
+
+
+def test_nan_loss_stops_with_one_line_and_keeps_the_last_good_checkpoint(cfg, tmp_path, monkeypatch, capsys):
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump({k: v for k, v in CONFIG.items()}))
+    real, calls = train.task_scores, {"n": 0}
+
+    def nan_at_step_4(*args, **kwargs):  # two calls a step (sheaf, complement): calls 9-10 are step 4 (0-based)
+        calls["n"] += 1
+        scores = real(*args, **kwargs)
+        return scores * float("nan") if calls["n"] == 9 else scores
+
+    monkeypatch.setattr(train, "task_scores", nan_at_step_4)
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "sheaf"
+    capsys.readouterr()
+    rc = main(["discover", "--config", "c.yaml", "--out", str(out)])
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert rc == 1 and len(lines) == 1 and "Traceback" not in err, err
+    assert lines[0].startswith(f"error: loss became nan at step 4; the last good checkpoint is in "
+                               f"{work_dir_for(out)} (try a lower --lr)"), lines[0]
+    assert not out.exists()
+    found = ckpt.load_latest(work_dir_for(out))
+    assert found is not None and found[2]["step"] == 4
+    assert all(torch.isfinite(v).all() for v in found[0].values())
+
+
+# --- real processes: SIGKILL and SIGINT ------------------------------------------------------------------------
+def _start(folder: Path, *extra: str) -> subprocess.Popen:
+    (folder / "c.yaml").write_text(yaml.safe_dump(CONFIG))
+    return subprocess.Popen([str(SHEAFPRUNE), "discover", "--config", "c.yaml", "--out", "sheaf", *extra],
+                            cwd=folder, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for(path_glob, folder: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not list(folder.glob(path_glob)):
+        assert proc.poll() is None, f"finished before {path_glob} appeared: {proc.communicate()}"
+        assert time.monotonic() < deadline, f"no {path_glob} after {timeout} s"
+        time.sleep(0.02)
+
+
+def test_killed_discovery_resumes_to_the_same_sheaf(reference, tmp_path, monkeypatch):
+    """SIGKILL right after the step-2 checkpoint and SIGINT right after the step-4 one, both mid-step; both runs go
+    side by side (two processes) to save wall time."""
+    runs = {"kill": (tmp_path / "kill", signal.SIGKILL, ".sheaf.run/ckpt-00000002.json"),
+            "int": (tmp_path / "int", signal.SIGINT, ".sheaf.run/ckpt-00000004.json")}
+    procs = {}
+    for name, (folder, _, _) in runs.items():
+        folder.mkdir()
+        procs[name] = _start(folder)
+    for name, (folder, sig, marker) in runs.items():
+        _wait_for(marker, folder, procs[name])
+        procs[name].send_signal(sig)
+    for name, (folder, sig, _) in runs.items():
+        _, err = procs[name].communicate(timeout=120)
+        if sig == signal.SIGINT:
+            assert procs[name].returncode == 130 and err.rstrip().endswith("interrupted"), err[-500:]
+            assert "Traceback" not in err
+        else:
+            assert procs[name].returncode == -signal.SIGKILL
+        assert not (folder / "sheaf").exists()
+    for name, (folder, _, _) in runs.items():  # `--resume` in the CLI is this call (in-process: 4 s less a run)
+        discover(resolve_config(overrides=CONFIG), out=folder / "sheaf", resume=True, progress=False)
+        assert_same_sheaf(folder / "sheaf", reference)
+        assert sorted(p.name for p in folder.iterdir()) == ["c.yaml", "sheaf"], "leftovers"
+
+
+def test_resume_through_the_cli(tmp_path, monkeypatch, capsys):
+    """`--resume` without a checkpoint, and with a checkpoint made with other options, is refused in one line."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(CONFIG))
+    assert main(["discover", "--config", "c.yaml", "--out", "sheaf", "--resume"]) == 2
+    assert capsys.readouterr().err.startswith("error: --resume: no checkpoint in .sheaf.run; run without --resume")
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.ones(3))])
+    ckpt.save_checkpoint(tmp_path / ".sheaf.run", step=2, tensors={}, optimizer_state=opt.state_dict(),
+                         info={"config": {**resolve_config(overrides=CONFIG).to_dict(), "lr": 0.01}, "curve": [],
+                               "elapsed": 0.0})
+    assert main(["discover", "--config", "c.yaml", "--out", "sheaf", "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "error: --resume: the checkpoint in .sheaf.run was made with different options (lr)" in err, err
+    assert not (tmp_path / "sheaf").exists()
+
+
+def test_killed_export_leaves_no_folder_or_a_whole_one(reference, tmp_path):
+    """SIGKILL and SIGINT the moment the export's temporary folder appears (files are being written)."""
+    from sheafprune.export import load
+
+    procs = {}
+    for sig in (signal.SIGKILL, signal.SIGINT):
+        folder = tmp_path / sig.name
+        folder.mkdir()
+        procs[sig] = (folder, subprocess.Popen([str(SHEAFPRUNE), "export", str(reference), "--out", "exp"], cwd=folder,
+                                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    for sig, (folder, proc) in procs.items():
+        _wait_for(".exp.tmp-*/*", folder, proc)
+        proc.send_signal(sig)
+    for sig, (folder, proc) in procs.items():
+        _, err = proc.communicate(timeout=120)
+        exp = folder / "exp"
+        if exp.exists():  # it finished before the signal landed: then it must be whole
+            assert load(exp) is not None and (exp / "sheaf" / "masks.safetensors").exists()
+        if sig == signal.SIGINT:
+            assert proc.returncode in (0, 130) and "Traceback" not in err, err[-2000:]
+            assert [p.name for p in folder.iterdir() if p.name != "exp"] == [], "SIGINT leaves no temporary folder"
+        else:  # SIGKILL cannot clean up: what is left is a hidden temporary folder, never a half `exp`
+            assert all(p.name.startswith(".exp.tmp-") for p in folder.iterdir() if p.name != "exp")

@@ -20,6 +20,7 @@ def add_discover_options(p: argparse.ArgumentParser, *, required: bool = True) -
     p.add_argument("--batch-size", dest="batch_size", type=int)
     p.add_argument("--lr", type=float)
     p.add_argument("--seed", type=int)
+    p.add_argument("--max-minutes", dest="max_minutes", type=float, help="wall-clock budget for discovery")
     p.add_argument("--n-items", dest="n_items", type=int, help="number of generated items (ioi)")
     p.add_argument("--config", type=Path, help="YAML file of options (CLI flags override it)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from its checkpoint")
@@ -28,7 +29,7 @@ def add_discover_options(p: argparse.ArgumentParser, *, required: bool = True) -
 
 def config_from_args(args: argparse.Namespace) -> DiscoverConfig:
     keys = ("model", "task", "granularity", "target_density", "schedule", "gate", "steps", "batch_size", "lr",
-            "seed", "n_items")
+            "seed", "n_items", "max_minutes")
     return resolve_config(yaml_path=args.config, overrides={k: getattr(args, k, None) for k in keys})
 
 

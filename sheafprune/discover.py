@@ -35,7 +35,8 @@ def discover(cfg: DiscoverConfig, *, out: Optional[Path] = None, resume: bool = 
     """Learn a sheaf for `cfg.task` on `cfg.model`; write it to `out` (atomically) if given."""
     from accelerate import Accelerator
 
-    acc = accelerator or Accelerator()
+    # cpu=True on a machine without CUDA makes a torchrun-style launch (WORLD_SIZE > 1) a gloo process group.
+    acc = accelerator or Accelerator(cpu=not torch.cuda.is_available())
     if out is not None:
         check_out_dir(Path(out), overwrite=overwrite)
     if cfg.batch_size % acc.num_processes:

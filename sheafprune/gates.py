@@ -22,14 +22,28 @@ _EPS = 1e-6
 
 def logistic_noise(shape: torch.Size, *, generator: Optional[torch.Generator], device=None) -> Tensor:
     u = torch.rand(shape, generator=generator, device=device).clamp_(_EPS, 1 - _EPS)
-    return torch.log(u) - torch.log1p(-u)
+    return torch.logit_(u)  # log(u) - log(1 - u), in place: weight masks have ~10^8 entries
+
+
+class _StraightThrough(torch.autograd.Function):
+    """Forward 1[x > 0]; backward d/dx sigmoid(x / tau). One saved tensor and no soft sample in forward,
+    which matters for the ~10^8 element masks of a whole model."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, tau: float) -> Tensor:
+        ctx.save_for_backward(x)
+        ctx.tau = tau
+        return (x > 0).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (x,) = ctx.saved_tensors
+        s = torch.sigmoid(x / ctx.tau)
+        return grad * s * (1 - s) / ctx.tau, None
 
 
 def concrete_sample(logits: Tensor, noise: Tensor, tau: float) -> Tensor:
-    x = logits + noise
-    soft = torch.sigmoid(x / tau)
-    hard = (x > 0).to(logits.dtype)
-    return hard + soft - soft.detach()  # value: hard; gradient: soft's
+    return _StraightThrough.apply(logits + noise, tau)
 
 
 def concrete_p_keep(logits: Tensor) -> Tensor:

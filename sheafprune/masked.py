@@ -8,9 +8,9 @@ Masks are a flat mapping `key -> tensor` (absent key = all ones):
     edge/...            see graph.py                          (edge granularity)
 
 With edge masks, each reader reads its own masked sum of earlier writers. The writers' outputs are kept as a
-list of per-layer chunks (no growing torch.cat, so each activation is stored once for backward): memory for
-the stack is n_writers * B * T * D floats (SmolLM2, 301 writers, B=64, T=12: 0.5 GB fp32), and each reader
-group costs one matmul per chunk. Without edge masks only the running residual sum is kept.
+row stack: memory for the stack is n_writers * B * T * D floats (SmolLM2, 301 writers, B=64, T=12: 0.5 GB fp32), kept once in one
+buffer (see _Stack), and each reader group costs one matmul. Without edge masks only the running
+residual sum is kept.
 """
 
 from __future__ import annotations
@@ -26,17 +26,75 @@ from .arch import ArchView, rotate_half
 Masks = Mapping[str, Tensor]
 
 
-class _Stream:
-    """The residual stream as its writers' outputs: chunks of shape (n, B, T, D), plus their plain sum."""
+class _Stack:
+    """Writer outputs as rows of one buffer S (n_writers, B*T*D), and their gradient as rows of G.
 
-    def __init__(self, keep_chunks: bool):
-        self.keep_chunks = keep_chunks
-        self.chunks: list[Tensor] = []
+    Readers read S with one large matmul each (mask^T @ S) instead of one thin matmul per writer chunk,
+    and no per-layer torch.cat copy is kept for backward (that would be O(layers^2) memory). In backward
+    every read adds its writer gradient into G in place (mask @ grad); a writer's own backward node runs
+    only after all reads that depend on it (autograd's topological order) and hands its rows of G to the
+    writer. Rows of S never change once written, which is why backward may use S directly.
+    """
+
+    def __init__(self, n_writers: int):
+        self.n_writers = n_writers
+        self.S: Optional[Tensor] = None
+        self.G: Optional[Tensor] = None
+        self.rows = 0
+
+    def grad_rows(self, start: int, stop: int) -> Tensor:
+        if self.G is None:
+            self.G = self.S.new_zeros(self.S.shape)
+        return self.G[start:stop]
+
+
+class _Write(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, chunk: Tensor, stack: _Stack) -> Tensor:  # chunk (n, B, T, D) -> a token ()
+        n = chunk.shape[0]
+        if stack.S is None:
+            stack.S = chunk.new_empty(stack.n_writers, chunk[0].numel())
+        stack.S[stack.rows:stack.rows + n] = chunk.reshape(n, -1)
+        ctx.stack, ctx.rows, ctx.shape = stack, (stack.rows, stack.rows + n), chunk.shape
+        stack.rows += n
+        return chunk.new_zeros(())  # only links the reads to this writer in the autograd graph
+
+    @staticmethod
+    def backward(ctx, _unused: Tensor):
+        return ctx.stack.grad_rows(*ctx.rows).reshape(ctx.shape), None
+
+
+class _Read(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, mask: Tensor, stack: _Stack, *tokens: Tensor) -> Tensor:  # mask (W, R) -> (R, B*T*D)
+        w = mask.shape[0]
+        ctx.stack, ctx.w = stack, w
+        ctx.save_for_backward(mask)
+        return mask.t() @ stack.S[:w]
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (mask,) = ctx.saved_tensors
+        S = ctx.stack.S[:ctx.w]  # (W, N)
+        grad_mask = S @ grad.t() if ctx.needs_input_grad[0] else None  # (W, R)
+        ctx.stack.grad_rows(0, ctx.w).addmm_(mask, grad)  # G[:W] += mask @ grad
+        zeros = [torch.zeros((), dtype=grad.dtype, device=grad.device) for _ in ctx.needs_input_grad[2:]]
+        return (grad_mask, None, *zeros)
+
+
+class _Stream:
+    """The residual stream: writer outputs in a _Stack when edges are masked, and always their plain sum."""
+
+    def __init__(self, *, n_writers: int, keep_chunks: bool):
+        self.stack = _Stack(n_writers) if keep_chunks else None
+        self.tokens: list[Tensor] = []
+        self.shape: Optional[torch.Size] = None  # (B, T, D)
         self.total: Optional[Tensor] = None  # (B, T, D)
 
     def add(self, chunk: Tensor) -> None:  # chunk (n, B, T, D)
-        if self.keep_chunks:
-            self.chunks.append(chunk)
+        self.shape = chunk.shape[1:]
+        if self.stack is not None:
+            self.tokens.append(_Write.apply(chunk, self.stack))
         s = chunk.sum(0)
         self.total = s if self.total is None else self.total + s
 
@@ -45,15 +103,9 @@ class _Stream:
         if mask is None:
             return self.total.unsqueeze(0)
         single = mask.dim() == 1
-        m = mask.unsqueeze(1) if single else mask  # (W, R)
-        out, row = None, 0
-        for chunk in self.chunks:
-            n = chunk.shape[0]
-            part = m[row:row + n].t().to(chunk.dtype) @ chunk.reshape(n, -1)  # (R, B*T*D)
-            out = part if out is None else out + part
-            row += n
-        assert row == m.shape[0], f"edge mask has {m.shape[0]} writer rows, stream has {row}"
-        out = out.reshape(m.shape[1], *self.chunks[0].shape[1:])  # (R, B, T, D)
+        m = (mask.unsqueeze(1) if single else mask).to(self.stack.S.dtype)  # (W, R)
+        assert m.shape[0] == self.stack.rows, f"edge mask has {m.shape[0]} writer rows, stream has {self.stack.rows}"
+        out = _Read.apply(m, self.stack, *self.tokens).reshape(m.shape[1], *self.shape)  # (R, B, T, D)
         return out[0] if single else out
 
 
@@ -70,6 +122,15 @@ def _attn_bias(attention_mask: Tensor, dtype: torch.dtype) -> Tensor:
     allowed = causal[None] & attention_mask.bool()[:, None, :]  # (B, T, T)
     bias = torch.zeros(b, 1, t, t, dtype=dtype, device=attention_mask.device)
     return bias.masked_fill(~allowed[:, None], torch.finfo(dtype).min)
+
+
+def _read_qkv(stream: _Stream, masks: Masks, layer: int, n_heads: int, n_kv: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The q, k and v readers of one layer in a single stack read when all three are edge-masked."""
+    mq, mk, mv = (masks.get(f"edge/{layer}/{s}") for s in "qkv")
+    if mq is None or mk is None or mv is None:
+        return stream.read(mq), stream.read(mk), stream.read(mv)
+    x = stream.read(torch.cat([mq, mk, mv], dim=1))  # (H + 2 KV, B, T, D)
+    return x[:n_heads], x[n_heads:n_heads + n_kv], x[n_heads + n_kv:]
 
 
 def _linear_heads(x: Tensor, w: Tensor, b: Optional[Tensor]) -> Tensor:
@@ -95,8 +156,10 @@ def masked_forward(
     attention_mask: Optional[Tensor] = None,
     position_ids: Optional[Tensor] = None,
     masks: Optional[Masks] = None,
+    last_only: bool = False,
 ) -> Tensor:
-    """Logits (B, T, V) of `view.model` on `input_ids` (B, T) under `masks`."""
+    """Logits (B, T, V) of `view.model` on `input_ids` (B, T) under `masks`; (B, 1, V) with `last_only`
+    (a next-token task reads only the last position, and the unembedding is the largest matmul)."""
     masks = masks or {}
     spec = view.spec
     if attention_mask is None:
@@ -109,7 +172,7 @@ def masked_forward(
         m = masks.get("w/" + name)
         return p if m is None else p * m
 
-    stream = _Stream(keep_chunks=any(k.startswith("edge/") for k in masks))
+    stream = _Stream(n_writers=view.graph.n_writers(), keep_chunks=any(k.startswith("edge/") for k in masks))
     x_in = view.embed(input_ids, position_ids)  # (B, T, D)
     stream.add(x_in.unsqueeze(0))
     bias = _attn_bias(attention_mask, x_in.dtype)  # (B, 1, T, T)
@@ -118,7 +181,7 @@ def masked_forward(
 
     for layer in range(spec.n_layers):
         a = view.attn(layer, w)
-        xq, xk, xv = (stream.read(masks.get(f"edge/{layer}/{s}")) for s in "qkv")  # (R, B, T, D) each
+        xq, xk, xv = _read_qkv(stream, masks, layer, spec.n_heads, spec.n_kv_heads)  # (R, B, T, D) each
         q = _apply_rope(_linear_heads(view.norm("attn", layer, xq), a.wq, a.bq), rope)  # (H, B, T, hd)
         k = _apply_rope(_linear_heads(view.norm("attn", layer, xk), a.wk, a.bk), rope)  # (KV, B, T, hd)
         v = _linear_heads(view.norm("attn", layer, xv), a.wv, a.bv)  # (KV, B, T, hd)
@@ -148,7 +211,8 @@ def masked_forward(
         out = hidden @ m.w_out + (m.b_out if m.b_out is not None else 0)  # (..., B, T, D)
         stream.add(out.reshape(1, bsz, t, -1))
 
-    return view.unembed(stream.read(masks.get("edge/out")).reshape(bsz, t, -1))  # (B, T, V)
+    final = stream.read(masks.get("edge/out")).reshape(bsz, t, -1)  # (B, T, D)
+    return view.unembed(final[:, -1:] if last_only else final)  # (B, T, V) or (B, 1, V)
 
 
 def mask_shapes(view: ArchView, granularity: tuple[str, ...] | list[str]) -> dict[str, tuple[int, ...]]:

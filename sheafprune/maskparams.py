@@ -5,8 +5,9 @@ just the logits' gradients and every rank holds identical masks.
 Density controller (a Lagrangian, as in Edge Pruning / Sheared-LLaMA, for the inequality d_t <= rho_t):
 for each mask type t with a target rho_t the loss gets  lambda_t * (d_t - rho_t),  d_t the expected kept
 fraction. lambda_t >= 0 is not trained by gradient descent but by dual ascent after every step,
-lambda_t <- max(0, lambda_t + dual_lr * (d_t - rho_t)): it grows while the mask is denser than its target
-and decays to zero once the target is met, leaving the task loss free to keep what it needs.
+lambda_t <- lambda_t + dual_lr * (k_t - rho_t) while k_t > rho_t and 0 otherwise, where k_t is the kept fraction of the deterministic
+sheaf (logit > 0), the density that is finally reported: it grows while the sheaf is denser than its target
+and is released once the target is met, leaving the task loss free to keep what it needs.
 """
 
 from __future__ import annotations
@@ -70,11 +71,24 @@ class MaskLogits(nn.Module):
         return torch.stack(terms).sum() if terms else torch.zeros(())
 
     @torch.no_grad()
-    def dual_step(self, density: Mapping[str, Tensor], targets: Mapping[str, float], lr: float) -> None:
+    def kept(self, types: tuple[str, ...]) -> dict[str, float]:
+        """Kept fraction of the deterministic masks (logit > 0) per mask type."""
+        kept: dict[str, int] = {}
+        total: dict[str, int] = {}
+        for key, logit in zip(self.keys, self.logits):
+            t = mask_type(key)
+            if t in types:
+                kept[t] = kept.get(t, 0) + int((logit > 0).sum())
+                total[t] = total.get(t, 0) + logit.numel()
+        return {t: kept[t] / total[t] for t in kept}
+
+    @torch.no_grad()
+    def dual_step(self, kept: Mapping[str, float], targets: Mapping[str, float], lr: float) -> None:
         for i, t in enumerate(self.target_types):
-            if t in density and t in targets:
-                gap = float(density[t]) - targets[t]
-                self.multipliers[i] = max(0.0, float(self.multipliers[i]) + lr * gap)
+            if t in kept and t in targets:
+                gap = kept[t] - targets[t]
+                # Reset once met: an integral that only decays slowly would keep pruning far past the target.
+                self.multipliers[i] = float(self.multipliers[i]) + lr * gap if gap > 0 else 0.0
 
 
 def ramp(step: int, *, start: float, end: float, steps: int) -> float:

@@ -20,7 +20,8 @@ from .tasks import Batch, Task, encode, score
 
 def task_scores(view: ArchView, batch: Batch, masks: Optional[Mapping[str, Tensor]]) -> Tensor:
     logits = masked_forward(view, batch.input_ids, attention_mask=batch.attention_mask,
-                            position_ids=batch.position_ids, masks=masks)  # (N, T, V)
+                            position_ids=batch.position_ids, masks=masks,
+                            last_only=batch.kind == "choice")  # (N, T or 1, V)
     return score(logits, batch)  # (B, C)
 
 

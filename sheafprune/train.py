@@ -26,7 +26,7 @@ from .errors import RunFailed, UserError
 from .gates import GATES, deterministic
 from .maskparams import MaskLogits, ramp
 from .objective import accuracy, completeness, faithfulness, kl_div, split_scores, task_scores
-from .sheaf import density_of, mask_type
+from .sheaf import mask_type
 from .tasks import Task, encode
 
 
@@ -99,7 +99,7 @@ class Trainer:
         for key, p in self.params.named_logits().items():
             p.requires_grad_(mask_type(key) in stage.trained)
         logits = [p for p in self.params.logits if p.requires_grad]
-        return torch.optim.AdamW(logits, lr=self.cfg.lr, weight_decay=0.0)
+        return torch.optim.AdamW(logits, lr=self.cfg.lr, betas=(0.9, self.cfg.adam_beta2), weight_decay=0.0)
 
     def _stage_at(self, step: int) -> tuple[Stage, int]:
         for stage in self.stages:
@@ -116,6 +116,15 @@ class Trainer:
             m = deterministic(logit.detach())
             out[key] = 1.0 - m if complement and mask_type(key) in trained else m
         return out
+
+    def _frozen(self, stage: Stage) -> Optional[dict[str, Tensor]]:
+        """Deterministic masks of the types this stage does not train (fixed for the whole stage)."""
+        if stage.trained == tuple(self.cfg.granularity):
+            return None
+        if getattr(self, "_frozen_for", None) != stage.name:
+            self._frozen_masks = {k: v for k, v in self.masks().items() if mask_type(k) not in stage.trained}
+            self._frozen_for = stage.name
+        return self._frozen_masks
 
     def _scores(self, split: str, masks) -> tuple[Tensor, Tensor]:
         """Scores of `split`, each rank scoring a shard, gathered on every rank."""
@@ -154,7 +163,7 @@ class Trainer:
     # --- one step --------------------------------------------------------------------------------
     def train_step(self) -> dict[str, Any]:
         stage, local = self._stage_at(self.step)
-        frozen = self.masks() if stage.trained != tuple(self.cfg.granularity) else None
+        frozen = self._frozen(stage)
         masks, comp, dens = self.params(trained=stage.trained, gate=self.cfg.gate, taus=self.taus,
                                         noise_seed=self.cfg.seed * 1_000_003 + self.step, frozen_masks=frozen)
         batch = self._local_batch(self.step)
@@ -180,12 +189,12 @@ class Trainer:
                 if p.grad is not None and self.acc.num_processes > 1:
                     p.grad = self.acc.reduce(p.grad, reduction="mean")
         self.optimizer.step()
+        kept = self.params.kept(stage.trained)
         if stage.sparsity == "controller":
-            self.params.dual_step(dens, targets, self.cfg.dual_lr)
+            self.params.dual_step(kept, targets, self.cfg.dual_lr)
         vals = torch.stack([loss.detach(), faith.detach(), complete.detach()])
         if self.acc.num_processes > 1:
             vals = self.acc.reduce(vals, reduction="mean")
-        kept = density_of({k: v for k, v in self.masks().items() if mask_type(k) in stage.trained})
         return {"step": self.step + 1, "stage": stage.name, "loss": float(vals[0]), "faith": float(vals[1]),
                 "complete": float(vals[2]), "expected": {t: float(d.detach()) for t, d in dens.items()},
                 "kept": kept, "target": targets}
@@ -229,7 +238,7 @@ class Trainer:
         tensors, opt_state, info = found
         saved = dict(info["config"])
         now = self.cfg.to_dict()
-        differ = sorted(k for k in now if k not in ("steps", "early_stop") and saved.get(k) != now[k])
+        differ = sorted(k for k in now if k not in ("steps", "early_stop", "max_minutes") and saved.get(k) != now[k])
         if differ:
             raise UserError(f"--resume: the checkpoint in {self.work_dir} was made with different options "
                             f"({', '.join(differ)}); use the same options or drop --resume")
@@ -259,9 +268,10 @@ class Trainer:
                 t0 = time.perf_counter()
                 row = self.train_step()
                 self.step += 1
-                stop = False
-                if self.step % self.cfg.eval_every == 0 or self.step == self.total_steps:
-                    stop = self._eval_and_track(row, stage, local + 1)
+                out_of_time = self.cfg.max_minutes is not None and self.elapsed + time.perf_counter() - t0 > 60 * self.cfg.max_minutes
+                stop = out_of_time
+                if self.step % self.cfg.eval_every == 0 or self.step == self.total_steps or out_of_time:
+                    stop = self._eval_and_track(row, stage, local + 1) or out_of_time
                 self.elapsed += time.perf_counter() - t0
                 row["time"] = round(self.elapsed, 3)
                 self.curve.append(row)

@@ -232,3 +232,30 @@ def test_graph_counts_gpt2_small_and_smollm2():
     assert g.n_edges() == expected
     names = Graph(2, 4, 2).edge_names("edge/1/k")
     assert names[0] == "in->a1.kv0.k" and names[-1] == "m0->a1.kv1.k"
+
+
+def test_last_only_equals_last_position(model):
+    ids, am = _inputs(True)
+    view = view_of(model)
+    full = masked_forward(view, ids, attention_mask=am)
+    last = masked_forward(view, ids, attention_mask=am, last_only=True)
+    d = (full[:, -1:] - last).abs().max().item()
+    assert last.shape == (3, 1, full.shape[-1]) and d <= TOL, f"last_only vs last position: max diff {d:.3g}"
+
+
+def test_edge_mask_gradients_equal_reference(model):
+    """The stack read has a hand-written backward; its mask and activation gradients must equal autograd's
+    through the plain per-reader reference."""
+    ids, am = _inputs(True)
+    view = view_of(model)
+    g = torch.Generator().manual_seed(3)
+    base = {k: (torch.rand(s, generator=g) < 0.6).float() for k, s in view.graph.edge_shapes().items()}
+    grads = []
+    for fn in (lambda m: masked_forward(view, ids, attention_mask=am, masks=m), lambda m: _reference_edges(model, ids, am, m)):
+        masks = {k: v.clone().requires_grad_(True) for k, v in base.items()}
+        out = fn(masks)
+        (out[am.bool()].logsumexp(-1).sum()).backward()
+        grads.append({k: m.grad for k, m in masks.items()})
+    d = max((grads[0][k] - grads[1][k]).abs().max().item() for k in base)
+    scale = max(grads[1][k].abs().max().item() for k in base)
+    assert d <= 1e-4 * max(scale, 1.0), f"edge-mask gradients vs reference: max diff {d:.3g} (scale {scale:.3g})"

@@ -1,0 +1,149 @@
+"""Discovery on tiny models: gate statistics, the density controller, reproducibility, resume, data
+parallelism and the command line."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from sheafprune.config import resolve_config
+from sheafprune.discover import discover
+from sheafprune.gates import GATES, logistic_noise
+from sheafprune.sheaf import load_sheaf
+from sheafprune.train import Trainer, batch_indices, plan_stages
+
+BIN = Path(sys.executable).parent
+
+
+def cfg(**kw):
+    base = dict(model="tiny-gpt2", task="ioi", n_items=80, steps=12, batch_size=8, eval_every=4,
+                checkpoint_every=4, target_density="weight=0.3,edge=0.3")
+    base.update(kw)
+    return resolve_config(overrides=base)
+
+
+@pytest.mark.parametrize("gate", list(GATES))
+def test_gate_keep_probability_and_gradients(gate):
+    fn = GATES[gate]
+    logits = torch.tensor([-2.0, -0.5, 0.0, 0.7, 2.0]).repeat(20000, 1).requires_grad_(True)  # (n, 5)
+    noise = logistic_noise(logits.shape, generator=torch.Generator().manual_seed(0))
+    m = fn.sample(logits, noise, 1.0)
+    kept = (m > 0).float().mean(0)
+    p = fn.p_keep(logits[0].detach())
+    err = (kept - p).abs().max().item()
+    # 20000 draws: the binomial standard error is <= 0.0036, so 0.015 is > 4 sigma
+    assert err < 0.015, f"{gate}: empirical P(keep) {kept.tolist()} vs expected {p.tolist()} (max err {err:.4f})"
+    m.sum().backward()
+    assert logits.grad.abs().sum(0).min() > 0, f"{gate}: some logits get no gradient: {logits.grad.abs().sum(0)}"
+
+
+def test_concrete_forward_is_hard():
+    logits = torch.randn(1000)
+    m = GATES["concrete"].sample(logits, logistic_noise(logits.shape, generator=torch.Generator().manual_seed(1)), 0.01)
+    assert set(m.unique().tolist()) <= {0.0, 1.0}
+
+
+def test_batches_are_a_function_of_seed_and_step():
+    a = [batch_indices(s, n=50, size=8, seed=3) for s in range(20)]
+    assert a == [batch_indices(s, n=50, size=8, seed=3) for s in range(20)]
+    assert a != [batch_indices(s, n=50, size=8, seed=4) for s in range(20)]
+    flat = [i for b in a[:7] for i in b][:50]  # the first epoch visits every item once
+    assert sorted(flat) == list(range(50))
+
+
+def test_controller_reaches_target_density():
+    sheaf = discover(cfg(steps=60, target_density="weight=0.2,edge=0.2", early_stop=False), progress=False)
+    d = sheaf.density()
+    assert d["weight"] <= 0.2 * 1.05 and d["edge"] <= 0.2 * 1.05, f"densities {d} missed target 0.2"
+    assert d["weight"] > 0.05 and d["edge"] > 0.05, f"densities {d} overshot far below the target 0.2"
+    rows = sheaf.curve
+    assert rows[0]["target"]["edge"] > rows[-1]["target"]["edge"] == pytest.approx(0.2)
+    assert {"loss", "faith", "complete", "kept", "expected"} <= set(rows[-1])
+
+
+def test_same_seed_same_masks_other_seed_other_masks():
+    a, b = discover(cfg(), progress=False), discover(cfg(), progress=False)
+    c = discover(cfg(seed=1), progress=False)
+    for k in a.logits:
+        assert torch.equal(a.logits[k], b.logits[k]), f"same seed, different logits for {k}"
+    assert any(not torch.equal(a.logits[k], c.logits[k]) for k in a.logits), "seed had no effect"
+
+
+def test_resume_after_interrupt_equals_uninterrupted(tmp_path, monkeypatch):
+    whole = discover(cfg(), out=tmp_path / "whole", progress=False)
+    original = Trainer.train_step
+
+    def interrupt_at_7(self):
+        if self.step == 7:
+            raise KeyboardInterrupt
+        return original(self)
+
+    monkeypatch.setattr(Trainer, "train_step", interrupt_at_7)
+    with pytest.raises(KeyboardInterrupt):
+        discover(cfg(), out=tmp_path / "cut", progress=False)
+    assert not (tmp_path / "cut").exists(), "an interrupted run must not leave a sheaf folder"
+    assert list((tmp_path / ".cut.run").glob("ckpt-00000007.json")), "Ctrl-C must checkpoint"
+    monkeypatch.setattr(Trainer, "train_step", original)
+    resumed = discover(cfg(), out=tmp_path / "cut", resume=True, progress=False)
+    for k in whole.logits:
+        d = (whole.logits[k] - resumed.logits[k]).abs().max().item()
+        assert d == 0.0, f"resumed vs uninterrupted: {k} differs by {d:.3g}"
+    assert [r["loss"] for r in resumed.curve] == [r["loss"] for r in whole.curve]
+    assert not (tmp_path / ".cut.run").exists(), "the run folder is removed once the sheaf is written"
+
+
+def test_staged_keeps_weight_masks_frozen_and_applied():
+    c = cfg(schedule="staged", steps=15, target_density="")
+    stages = plan_stages(c)
+    assert [(s.name, s.trained) for s in stages] == [("weights", ("weight",)), ("edges", ("edge",))]
+    sheaf = discover(c, progress=False)
+    stage2 = [r for r in sheaf.curve if r["stage"] == "edges"]
+    assert len(stage2) == 15 and all(set(r["kept"]) == {"edge"} for r in stage2)
+    w_end_stage1 = [r for r in sheaf.curve if r["stage"] == "weights"][-1]["kept"]["weight"]
+    assert sheaf.density()["weight"] == pytest.approx(w_end_stage1), "weight masks changed in the edge stage"
+    assert w_end_stage1 < 1.0, "the paper's weight stage pruned nothing"
+
+
+def _run(args, env=None, timeout=600):
+    return subprocess.run(args, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})})
+
+
+def test_cli_discover_writes_valid_sheaf(tmp_path):
+    out = tmp_path / "sheaf"
+    r = _run([str(BIN / "sheafprune"), "discover", "--model", "tiny-gpt2", "--task", "ioi", "--steps", "50",
+              "--out", str(out)])
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert sorted(p.name for p in out.iterdir()) == ["masks.safetensors", "metrics.jsonl", "sheaf.json"]
+    sheaf = load_sheaf(out)
+    assert sheaf.meta["format"] == "sheafprune.sheaf/1" and sheaf.task == "ioi"
+    assert set(sheaf.meta["density"]) == {"weight", "edge"}
+    assert {"full_accuracy", "sheaf_accuracy", "complement_accuracy", "kl", "n"} <= set(sheaf.meta["metrics"])
+    assert len(sheaf.curve) == sheaf.meta["training"]["steps"] and "sheaf written" in r.stdout
+
+
+def test_two_processes_equal_one_process(tmp_path):
+    """The same global batch split over two gloo CPU processes gives the one-process masks."""
+    args = ["discover", "--model", "tiny-llama", "--task", "ioi", "--n-items", "80", "--steps", "6",
+            "--batch-size", "8", "--target-density", "weight=0.3,edge=0.3"]
+    one = _run([str(BIN / "sheafprune"), *args, "--out", str(tmp_path / "one")])
+    assert one.returncode == 0, one.stderr[-2000:]
+    # accelerate's --cpu launcher starts one process unless given an MPI hostfile; --multi_gpu starts two
+    # torchrun workers, which fall back to a gloo CPU group on a machine without CUDA.
+    two = _run([str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                "--mixed_precision", "no", "--dynamo_backend", "no", str(BIN / "sheafprune"), *args,
+                "--out", str(tmp_path / "two")], env={"OMP_NUM_THREADS": "1"})
+    assert two.returncode == 0, two.stderr[-3000:]
+    a, b = load_file(str(tmp_path / "one" / "masks.safetensors")), load_file(str(tmp_path / "two" / "masks.safetensors"))
+    d = max((a[k] - b[k]).abs().max().item() for k in a)
+    # Gradients are summed in another order across ranks; Adam divides by sqrt(v), which magnifies float
+    # noise in near-zero gradients, so logits agree to ~1e-5 after 6 steps, not bitwise.
+    assert d < 1e-3, f"two-process vs one-process mask logits: max diff {d:.3g}"
+    flips = sum(int(((a[k] > 0) != (b[k] > 0)).sum()) for k in a)
+    assert flips == 0, f"{flips} mask entries differ between the two-process and one-process sheaf"
+    assert load_sheaf(tmp_path / "two").meta["training"]["processes"] == 2

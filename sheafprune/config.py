@@ -19,7 +19,7 @@ GRANULARITIES = ("weight", "neuron", "head", "edge")
 GATES = ("concrete", "hard_concrete")
 SCHEDULES = ("joint", "staged")
 
-_FLOATS = ("lr", "dual_lr", "lambda_complete", "warmup", "tau_weight", "tau_edge", "init_mean", "init_std")
+_FLOATS = ("lr", "adam_beta2", "dual_lr", "lambda_complete", "warmup", "tau_weight", "tau_edge", "init_mean", "init_std")
 
 
 @dataclass(frozen=True)
@@ -34,7 +34,8 @@ class DiscoverConfig:
     steps: int = 300  # optimizer steps (each stage gets all of them in "staged")
     batch_size: int = 32  # global batch, split across processes
     lr: float = 0.1  # AdamW on mask logits
-    dual_lr: float = 1.0  # dual-ascent step of the density controller's multipliers
+    adam_beta2: float = 0.9  # shorter memory than 0.999: straight-through gradients of tau=0.01 gates are rare spikes
+    dual_lr: float = 10.0  # dual-ascent step of the density controller's multipliers
     lambda_complete: float = 1.0  # weight of the completeness loss
     warmup: float = 0.6  # fraction of steps over which the density target ramps from 1 down to its value
     tau_weight: float = 0.01
@@ -46,6 +47,7 @@ class DiscoverConfig:
     eval_every: int = 25
     checkpoint_every: int = 50
     early_stop: bool = True  # stop once every target is met and dev accuracy holds
+    max_minutes: Optional[float] = None  # wall-clock budget; the run evaluates and stops when it is spent
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -80,8 +82,11 @@ class DiscoverConfig:
         for name in ("lr", "dual_lr", "tau_weight", "tau_edge"):
             if not getattr(self, name) > 0:
                 raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
-        if self.lr <= 0:
-            raise UserError(f"--lr must be positive, got {self.lr}")
+        if self.max_minutes is not None and (isinstance(self.max_minutes, bool) or not isinstance(
+                self.max_minutes, (int, float)) or not self.max_minutes > 0):
+            raise UserError(f"--max-minutes must be a positive number, got {self.max_minutes!r}")
+        if not 0.0 < self.adam_beta2 < 1.0:
+            raise UserError(f"adam_beta2 must be in (0, 1), got {self.adam_beta2}")
         if not (0.0 <= self.warmup <= 1.0):
             raise UserError(f"warmup must be in [0, 1], got {self.warmup}")
 

@@ -75,14 +75,26 @@ class Norm(nn.Module):
 
 
 class Stream:
-    """The writers' outputs as chunks (n, B, T, D), one per add(), plus their running sum."""
+    """The writers' outputs plus their running sum. Eagerly, all writers live in one preallocated buffer
+    (W, B, T, D), so a reader gathers what it needs with a single index_select (or a free slice); while
+    tracing for ONNX, as a list of chunks (n, B, T, D), one per add(), which exports to plain Gather/Concat."""
 
-    def __init__(self) -> None:
+    def __init__(self, n_writers: int) -> None:
+        self.n_writers = n_writers
         self.chunks: list[Tensor] = []
+        self.buf: Optional[Tensor] = None  # (W, B, T, D), eager only
+        self.used = 0
         self.total: Optional[Tensor] = None  # (B, T, D)
 
     def add(self, chunk: Tensor) -> None:  # chunk (n, B, T, D)
-        self.chunks.append(chunk)
+        n = chunk.shape[0]
+        if torch.jit.is_tracing():
+            self.chunks.append(chunk)
+        else:
+            if self.buf is None:
+                self.buf = chunk.new_empty((self.n_writers, *chunk.shape[1:]))
+            self.buf[self.used:self.used + n] = chunk
+        self.used += n
         s = chunk.sum(0)
         self.total = s if self.total is None else self.total + s
 
@@ -95,22 +107,24 @@ class Reader:
     from_pretrained's meta-device init) moved to the input's device when used."""
 
     def __init__(self, reads: list[list[str]], chunks: list[list[str]]):
-        writers = sorted(w for chunk in chunks for w in chunk)
+        writers = [w for chunk in chunks for w in chunk]
         self.n_readers = len(reads)
-        self.reads_all = all(sorted(r) == writers for r in reads)
+        self.reads_all = all(sorted(r) == sorted(writers) for r in reads)
         needed = {w for r in reads for w in r}
         self.picks: list[tuple[int, Optional[Tensor]]] = []  # (chunk, its rows; None = all of them)
-        order: list[str] = []
         for c, chunk in enumerate(chunks):
             rows = [i for i, w in enumerate(chunk) if w in needed]
             if rows:
                 self.picks.append((c, None if len(rows) == len(chunk) else torch.tensor(rows, device="cpu")))
-                order += [chunk[i] for i in rows]
-        index = {w: i for i, w in enumerate(order)}
-        self.weight = torch.zeros(len(order), len(reads), device="cpu")  # (K, R)
+        # Eager reads take the stream rows from the first to the last writer needed, a view (no copy): a
+        # matmul over a few unneeded (zero-weight) rows costs less than gathering, on memory-bound CPUs.
+        rows = [i for i, w in enumerate(writers) if w in needed]  # stream positions, in stream order
+        self.span = (rows[0], rows[-1] + 1) if rows else (0, 0)
+        self.weight = torch.zeros(self.span[1] - self.span[0], len(reads), device="cpu")  # (S, R) eager
         for r, names in enumerate(reads):
             for name in names:
-                self.weight[index[name], r] = 1.0
+                self.weight[writers.index(name) - self.span[0], r] = 1.0
+        self.gathered = self.weight[torch.tensor(rows, dtype=torch.long) - self.span[0]] if rows else self.weight  # (K, R)
 
     def __call__(self, stream: Stream) -> Tensor:
         """(R, B, T, D); (1, B, T, D) when every reader reads everything."""
@@ -119,10 +133,13 @@ class Reader:
             return total.unsqueeze(0)
         if not self.picks:
             return total.new_zeros(self.n_readers, *total.shape)
-        parts = [stream.chunks[c] if rows is None else stream.chunks[c].index_select(0, rows.to(total.device))
-                 for c, rows in self.picks]
-        x = parts[0] if len(parts) == 1 else torch.cat(parts)  # (K, B, T, D)
-        out = self.weight.to(total.device, total.dtype).t() @ x.reshape(x.shape[0], -1)  # (R, B*T*D)
+        if stream.buf is None:  # tracing
+            parts = [stream.chunks[c] if rows is None else stream.chunks[c].index_select(0, rows.to(total.device))
+                     for c, rows in self.picks]
+            x, w = (parts[0] if len(parts) == 1 else torch.cat(parts)), self.gathered  # (K, B, T, D), (K, R)
+        else:
+            x, w = stream.buf[self.span[0]:self.span[1]], self.weight  # (S, B, T, D) view, (S, R)
+        out = w.to(total.device, total.dtype).t() @ x.reshape(x.shape[0], -1)  # (R, B*T*D)
         return out.reshape(self.n_readers, *total.shape)
 
 
@@ -256,6 +273,7 @@ class SheafForCausalLM(SheafPreTrainedModel, GenerationMixin):
         self.norm = Norm(config)
         self.lm_head = None if config.tie_head else nn.Linear(d, config.vocab_size, bias=False)
         self.out_reader = Reader([config.out_reads], chunks)
+        self.n_writers = sum(len(c) for c in chunks)
         self.out_const = nn.Parameter(torch.empty(d)) if config.out_const else None
         self.inv_freq = torch.tensor(config.rope_inv_freq, dtype=torch.float32, device="cpu")  # (hd/2,)
         self.post_init()
@@ -282,7 +300,7 @@ class SheafForCausalLM(SheafPreTrainedModel, GenerationMixin):
         x = self.embed(input_ids)  # (B, T, D)
         if self.pos is not None:
             x = x + self.pos(position_ids)
-        stream = Stream()
+        stream = Stream(self.n_writers)
         stream.add(x.unsqueeze(0))
         bias = _attn_bias(attention_mask, x.dtype)  # (B, 1, T, T)
         rope = self._rope(position_ids)

@@ -83,12 +83,22 @@ def check_export_code(folder: Path) -> None:
                         "re-export the sheaf with this sheafprune (`sheafprune export SHEAF_DIR --out DIR`)")
 
 
-def _split_params(meta: Optional[dict]) -> dict[str, tuple[int, Optional[int]]]:
+def own_task(target: Target) -> Optional[str]:
+    """The task of a sheaf or export folder. Read from the sheaf itself where there is one: a jsonl task then
+    reads the items copied into the folder, never a path that sheaf.json names."""
+    if target.sheaf is not None:
+        return target.sheaf.task
+    if not target.meta or target.meta["task"].startswith("jsonl:"):
+        return None  # a model, or an export without sheaf/ (and so without the jsonl task's items)
+    return target.meta["task"]
+
+
+def _split_params(task: Optional[str], meta: Optional[dict]) -> dict[str, tuple[int, Optional[int]]]:
     """The sheaf's task is cut into splits with discovery's seed and item count, so its test split is held out."""
-    if not meta:
+    if not meta or task is None:
         return {}
     cfg = meta.get("config", {})
-    return {meta["task"]: (int(cfg.get("seed", 0)), cfg.get("n_items"))}
+    return {task: (int(cfg.get("seed", 0)), cfg.get("n_items"))}
 
 
 def _hub_reachable() -> bool:
@@ -127,7 +137,7 @@ def prepare_tasks(names: list[str], folder: Path, *, target: Target) -> tuple[li
 
     ours = [n for n in names if is_ours(n)]
     builtin = [n for n in names if not is_ours(n)]
-    generated = {t.requested: t for t in write_tasks(ours, folder, splits=_split_params(target.meta))}
+    generated = {t.requested: t for t in write_tasks(ours, folder, splits=_split_params(own_task(target), target.meta))}
     # Indexing lm-eval's ~15k built-in tasks takes ~10 s; our tasks alone need only our folder.
     manager = TaskManager(include_path=str(folder), include_defaults=bool(builtin))
     if builtin:
@@ -224,7 +234,7 @@ def sheaf_report(sheaf: Sheaf, *, task: str, loaded: tuple[Any, Any], limit: Opt
     from .objective import sheaf_metrics
 
     model, tokenizer = loaded
-    seed, n = _split_params(sheaf.meta).get(task, (0, None))
+    seed, n = _split_params(sheaf.task, sheaf.meta).get(task, (0, None))
     loaded_task = load_task(task, tokenizer, seed=seed, n=n)
     if limit is not None:
         loaded_task = replace(loaded_task, splits={**loaded_task.splits, "test": loaded_task.items("test")[:limit]})
@@ -243,7 +253,10 @@ def _task_names(tasks: Optional[str | list[str]], target: Target) -> list[str]:
         if target.meta is None:
             raise UserError(f"{target.name!r} is a model with no task of its own; pass --tasks, e.g. "
                             "--tasks blimp_anaphor_gender_agreement,ioi")
-        return [target.meta["task"]]
+        if own_task(target) is None:
+            raise UserError(f"{target.name} has no sheaf/ folder holding the items of its task "
+                            f"{target.meta['task']}; pass --tasks jsonl:PATH with your items file")
+        return [own_task(target)]
     names = list(dict.fromkeys(t.strip() for t in tasks if t.strip()))
     if not names:
         raise UserError("--tasks is empty; give task names separated by commas, e.g. --tasks ioi,blimp_causative")

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from safetensors import SafetensorError
@@ -22,6 +23,7 @@ from .errors import UserError
 from .io import atomic_dir, read_json, write_json
 
 FORMAT = "sheafprune.sheaf/1"
+TASK_FILE = "task.jsonl"  # a jsonl:PATH task's items, copied in: a folder never points at files outside itself
 MASK_TYPES = ("weight", "neuron", "head", "edge")
 _PREFIX = {"weight": "w/", "neuron": "neuron/", "head": "head/", "edge": "edge/"}
 
@@ -48,6 +50,7 @@ class Sheaf:
     logits: dict[str, Tensor]  # mask key -> logits
     meta: dict[str, Any] = field(default_factory=dict)  # the content of sheaf.json
     curve: list[dict[str, Any]] = field(default_factory=list)  # training curve, one row per step (metrics.jsonl)
+    folder: Optional[Path] = None  # the folder it was loaded from (where a jsonl task's items are read)
 
     @property
     def model_name(self) -> str:
@@ -59,7 +62,12 @@ class Sheaf:
 
     @property
     def task(self) -> str:
-        return self.meta["task"]
+        """The task spec to load. For a loaded sheaf a jsonl task reads the copy inside its folder, never the
+        path sheaf.json records (which names where the items came from and may point anywhere)."""
+        spec = self.meta["task"]
+        if spec.startswith("jsonl:") and self.folder is not None:
+            return f"jsonl:{self.folder / TASK_FILE}"
+        return spec
 
     @property
     def granularity(self) -> list[str]:
@@ -98,6 +106,11 @@ def save_sheaf(sheaf: Sheaf, out: Path, *, overwrite: bool = False) -> Path:
                   str(tmp / "masks.safetensors"))
         write_json(tmp / "sheaf.json", meta)
         (tmp / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in sheaf.curve))
+        if sheaf.task.startswith("jsonl:"):
+            items = Path(sheaf.task[len("jsonl:"):])
+            if not items.is_file():
+                raise UserError(f"the items file {items} of this sheaf's task is gone; put it back to save the sheaf")
+            shutil.copyfile(items, tmp / TASK_FILE)
     return Path(out)
 
 
@@ -129,7 +142,13 @@ def load_sheaf(path: Path) -> Sheaf:
             raise UserError(f"{masks_file} holds an unknown tensor {k!r}; it is not a sheafprune mask file") from None
         if not torch.isfinite(v).all():
             raise UserError(f"{masks_file}: tensor {k!r} has NaN/inf logits; the file is corrupt, re-run discovery")
-    return Sheaf(logits=logits, meta=meta, curve=_read_curve(path / "metrics.jsonl"))
+    folder = path.resolve()
+    if meta["task"].startswith("jsonl:"):
+        items = path / TASK_FILE
+        if not items.is_file() or items.resolve().parent != folder:  # a symlink may not lead out of the folder
+            raise UserError(f"{path} has a jsonl task but no {TASK_FILE} of its own (sheaf folders never read items "
+                            f"from outside themselves); re-run discovery with this sheafprune")
+    return Sheaf(logits=logits, meta=meta, curve=_read_curve(path / "metrics.jsonl"), folder=folder)
 
 
 def _check_meta(meta: dict[str, Any], where: Path) -> None:

@@ -259,9 +259,13 @@ def test_killed_export_leaves_no_folder_or_a_whole_one(reference, tmp_path):
         folder.mkdir()
         procs[sig] = (folder, subprocess.Popen([str(SHEAFPRUNE), "export", str(reference), "--out", "exp"], cwd=folder,
                                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-    for sig, (folder, proc) in procs.items():
-        _wait_for(".exp.tmp-*/*", folder, proc)
-        proc.send_signal(sig)
+    waiting, deadline = dict(procs), time.monotonic() + 120
+    while waiting and time.monotonic() < deadline:  # both at once: the writing phase lasts well under a second
+        for sig, (folder, proc) in list(waiting.items()):
+            if list(folder.glob(".exp.tmp-*/*")) or proc.poll() is not None:
+                proc.send_signal(sig)
+                del waiting[sig]
+        time.sleep(0.002)
     for sig, (folder, proc) in procs.items():
         _, err = proc.communicate(timeout=120)
         exp = folder / "exp"
@@ -272,3 +276,18 @@ def test_killed_export_leaves_no_folder_or_a_whole_one(reference, tmp_path):
             assert [p.name for p in folder.iterdir() if p.name != "exp"] == [], "SIGINT leaves no temporary folder"
         else:  # SIGKILL cannot clean up: what is left is a hidden temporary folder, never a half `exp`
             assert all(p.name.startswith(".exp.tmp-") for p in folder.iterdir() if p.name != "exp")
+
+
+@pytest.mark.parametrize("step", ["save_sheaf", "model_card"])
+def test_interrupted_export_writes_nothing(step, reference, tmp_path, monkeypatch, capsys):
+    """Ctrl-C in the middle of writing (model files done, sheaf/ or README.md not yet): no folder, no temp folder."""
+    from sheafprune.export import hf
+
+    def interrupted(*args, **kwargs):
+        assert list(tmp_path.glob(".exp.tmp-*/model.safetensors")), "not yet writing"
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(hf, step, interrupted)
+    assert main(["export", str(reference), "--out", str(tmp_path / "exp")]) == 130
+    assert capsys.readouterr().err.strip() == "interrupted"
+    assert list(tmp_path.iterdir()) == []

@@ -422,3 +422,45 @@ def test_eval_refuses_an_export_whose_code_is_not_ours(capsys, export_dir, tmp_p
     edit_json(folder / "config.json", auto_map={"AutoConfig": "evil.C", "AutoModelForCausalLM": "evil.M"})
     refused(capsys, ["eval", folder, "--tasks", "ioi", "--limit", "2"], match=r"auto_map", root=tmp_path)
     assert not marker.exists()
+
+
+# --- paths inside sheaf and export folders ---------------------------------------------------------------------
+NAMES = ["Mary", "John", "Anna", "Paul", "Kate", "Mark", "Lisa", "Tom", "Sara", "Jim"]
+
+
+def _items(path: Path) -> Path:
+    path.write_text("".join(json.dumps({"prompt": f"When {a} and {b} went out, {b} gave a drink to", "good": f" {a}",
+                                        "bad": f" {b}"}) + "\n" for a in NAMES[:5] for b in NAMES[5:]))
+    return path
+
+
+def test_a_jsonl_sheaf_carries_its_items_and_never_reads_a_path_from_its_json(capsys, gpt2, work):
+    """sheaf.json records where a jsonl task's items came from; the folder carries a copy, and only the copy is
+    read, so the original may go and an edited path cannot make sheafprune read another file."""
+    from sheafprune.export import load
+
+    items = _items(work / "items.jsonl")
+    sheaf = random_sheaf(gpt2[0], "tiny-gpt2")
+    sheaf.meta["task"] = f"jsonl:{items.resolve()}"
+    folder = save_sheaf(sheaf, work / "sheaf")
+    assert (folder / "task.jsonl").read_text() == items.read_text()
+    items.unlink()
+    edit_json(folder / "sheaf.json", task="jsonl:/etc/passwd")
+    assert load_sheaf(folder).task == f"jsonl:{folder.resolve() / 'task.jsonl'}"
+    assert main(["export", str(folder), "--out", str(work / "exp")]) == 0, capsys.readouterr().err
+    assert (work / "exp" / "sheaf" / "task.jsonl").is_file() and load(work / "exp") is not None
+    for what, spoil in {"no copy": lambda f: (f / "task.jsonl").unlink(),
+                        "a copy that links out": lambda f: ((f / "task.jsonl").unlink(),
+                                                            (f / "task.jsonl").symlink_to("/etc/passwd"))}.items():
+        f = copy_sheaf(folder, work / what.replace(" ", "-"))
+        spoil(f)
+        refused(capsys, ["export", f, "--out", work / "o"], match=r"has a jsonl task but no task\.jsonl of its own",
+                root=work)
+
+
+def test_eval_of_an_export_never_reads_the_task_path_in_its_json(capsys, export_dir, tmp_path):
+    folder = copy_sheaf(export_dir, tmp_path / "exp")
+    shutil.rmtree(folder / "sheaf")
+    edit_json(folder / "sheaf.json", task="jsonl:/etc/passwd")
+    refused(capsys, ["eval", folder], match=r"has no sheaf/ folder holding the items of its task jsonl:/etc/passwd; "
+            r"pass --tasks jsonl:PATH", root=tmp_path)

@@ -41,7 +41,7 @@ def write_onnx(model: nn.Module, path: Path, *, input_ids: Tensor, attention_mas
         warnings.simplefilter("ignore")  # TracerWarnings about Python-level control flow: shapes are dynamic anyway
         torch.onnx.export(_Logits(model).eval(), (input_ids, attention_mask), str(path), dynamo=False,
                           input_names=["input_ids", "attention_mask"], output_names=["logits"],
-                          dynamic_axes=dynamic, opset_version=18)
+                          dynamic_axes=dynamic, opset_version=18, do_constant_folding=False)
 
 
 def onnx_logits(path: Path, *, input_ids: Tensor, attention_mask: Tensor) -> Tensor:

@@ -9,8 +9,12 @@ masks, which is what makes `--resume` reproduce an uninterrupted run.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
+import signal
+import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,7 +90,8 @@ class Trainer:
         self.total_steps = sum(s.steps for s in self.stages)
         self.targets = {t: float(d) for t, d in cfg.target_density.items()}
         self.start_density = float(GATES[cfg.gate].p_keep(torch.tensor(cfg.init_mean)))
-        self.taus = {"weight": cfg.tau_weight, "neuron": cfg.tau_weight, "head": cfg.tau_edge, "edge": cfg.tau_edge}
+        # Node masks (neurons, heads) are few and coarse like edges: they get the edge temperature.
+        self.taus = {"weight": cfg.tau_weight, "neuron": cfg.tau_edge, "head": cfg.tau_edge, "edge": cfg.tau_edge}
         self.curve: list[dict[str, Any]] = []
         self.best: Optional[dict[str, Any]] = None  # {"step", "dev_accuracy", "logits"}
         self.step = 0
@@ -255,44 +260,78 @@ class Trainer:
         return True
 
     def run(self, *, log: Optional[Callable[[dict], None]] = None) -> None:
-        """Train until the last stage ends or early stopping; Ctrl-C checkpoints and re-raises."""
+        """Train until the last stage ends or early stopping.
+
+        Ctrl-C (SIGINT) is deferred to the end of the current step, which is then checkpointed, so a resumed
+        run continues from a consistent state; a second Ctrl-C stops at once (the last periodic checkpoint
+        stands).
+        """
         from tqdm.auto import tqdm
 
         bar = tqdm(total=self.total_steps, initial=self.step, disable=not self.progress, desc="discover",
                    dynamic_ncols=True, mininterval=1.0)
-        try:
-            while self.step < self.total_steps:
-                stage, local = self._stage_at(self.step)
-                if local == 0 and self.step > 0:
-                    self.optimizer = self._make_optimizer(stage)  # a new stage trains other mask types
-                t0 = time.perf_counter()
-                row = self.train_step()
-                self.step += 1
-                out_of_time = self.cfg.max_minutes is not None and self.elapsed + time.perf_counter() - t0 > 60 * self.cfg.max_minutes
-                stop = out_of_time
-                if self.step % self.cfg.eval_every == 0 or self.step == self.total_steps or out_of_time:
-                    stop = self._eval_and_track(row, stage, local + 1) or out_of_time
-                self.elapsed += time.perf_counter() - t0
-                row["time"] = round(self.elapsed, 3)
-                self.curve.append(row)
-                if log is not None and self.acc.is_main_process:
-                    log(row)
-                bar.update(1)
-                bar.set_postfix_str(_postfix(row, self.targets))
-                if self.step % self.cfg.checkpoint_every == 0 or stop:
-                    self._checkpoint()
-                if stop:
-                    break
-        except KeyboardInterrupt:
+        with _deferred_sigint() as interrupted:
+            try:
+                while self.step < self.total_steps:
+                    stop = self._one_step(bar, log)
+                    if interrupted():
+                        self._checkpoint()
+                        raise KeyboardInterrupt
+                    if stop:
+                        break
+            finally:
+                bar.close()
+
+    def _one_step(self, bar, log: Optional[Callable[[dict], None]]) -> bool:
+        """Train, maybe evaluate and checkpoint one step; True = stop early."""
+        stage, local = self._stage_at(self.step)
+        if local == 0 and self.step > 0:
+            self.optimizer = self._make_optimizer(stage)  # a new stage trains other mask types
+        t0 = time.perf_counter()
+        row = self.train_step()
+        self.step += 1
+        out_of_time = (self.cfg.max_minutes is not None
+                       and self.elapsed + time.perf_counter() - t0 > 60 * self.cfg.max_minutes)
+        stop = out_of_time
+        if self.step % self.cfg.eval_every == 0 or self.step == self.total_steps or out_of_time:
+            stop = self._eval_and_track(row, stage, local + 1) or out_of_time
+        self.elapsed += time.perf_counter() - t0
+        row["time"] = round(self.elapsed, 3)
+        self.curve.append(row)
+        if log is not None and self.acc.is_main_process:
+            log(row)
+        bar.update(1)
+        bar.set_postfix_str(_postfix(row, self.targets))
+        if self.step % self.cfg.checkpoint_every == 0 or stop:
             self._checkpoint()
-            raise
-        finally:
-            bar.close()
+        return stop
 
     def final_logits(self) -> dict[str, Tensor]:
         """The best dev sheaf that met the targets, else the last one."""
         src = self.best["logits"] if self.best is not None else self.params.named_logits()
         return {k: v.detach().clone().cpu() for k, v in src.items()}
+
+
+@contextlib.contextmanager
+def _deferred_sigint():
+    """Yield a function telling whether Ctrl-C was pressed; the first press only sets that flag."""
+    pressed = {"n": 0}
+
+    def handler(signum, frame):
+        pressed["n"] += 1
+        if pressed["n"] > 1:
+            raise KeyboardInterrupt
+        print("\ninterrupted: finishing this step and checkpointing (Ctrl-C again to stop at once)",
+              file=sys.stderr, flush=True)
+
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda: False  # signal handlers can only be installed from the main thread
+        return
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield lambda: pressed["n"] > 0
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _postfix(row: dict[str, Any], targets: dict[str, float]) -> str:

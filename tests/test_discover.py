@@ -4,6 +4,7 @@ parallelism and the command line."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -81,14 +82,14 @@ def test_resume_after_interrupt_equals_uninterrupted(tmp_path, monkeypatch):
 
     def interrupt_at_7(self):
         if self.step == 7:
-            raise KeyboardInterrupt
+            signal.raise_signal(signal.SIGINT)  # a real Ctrl-C: the trainer finishes step 8, then checkpoints
         return original(self)
 
     monkeypatch.setattr(Trainer, "train_step", interrupt_at_7)
     with pytest.raises(KeyboardInterrupt):
         discover(cfg(), out=tmp_path / "cut", progress=False)
     assert not (tmp_path / "cut").exists(), "an interrupted run must not leave a sheaf folder"
-    assert list((tmp_path / ".cut.run").glob("ckpt-00000007.json")), "Ctrl-C must checkpoint"
+    assert list((tmp_path / ".cut.run").glob("ckpt-00000008.json")), "Ctrl-C must checkpoint the finished step"
     monkeypatch.setattr(Trainer, "train_step", original)
     resumed = discover(cfg(), out=tmp_path / "cut", resume=True, progress=False)
     for k in whole.logits:

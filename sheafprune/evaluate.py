@@ -26,7 +26,7 @@ import torch
 
 from .arch import view_of
 from .errors import UserError
-from .io import read_json, write_json
+from .io import check_writable_parent, read_json, write_json
 from .lm_tasks import BLIMP_BUILTIN, LmTask, is_ours, write_tasks
 from .masked import mask_shapes, masked_forward
 from .models import MODELS, SUPPORTED_FAMILIES, fingerprint, load_model
@@ -314,6 +314,10 @@ def evaluate(path_or_name: str | os.PathLike, *, tasks: Optional[str | list[str]
     file, written atomically) receives.
     """
     _require_lm_eval()
+    if out is not None:  # before minutes of evaluation, not after
+        if Path(out).is_dir():
+            raise UserError(f"--out {out} is a folder; give the JSON file to write, e.g. {Path(out) / 'eval.json'}")
+        check_writable_parent(Path(out))
     batch_size = DEFAULT_BATCH_SIZE if batch_size is None else batch_size
     if limit is not None and limit < 1:
         raise UserError(f"--limit must be a positive number of documents, got {limit}")

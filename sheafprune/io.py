@@ -19,8 +19,12 @@ def check_out_dir(out: Path, *, overwrite: bool) -> None:
         raise UserError(f"output path {out} exists and is not a folder; choose another --out")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise UserError(f"output folder {out} exists and is not empty; pass --overwrite or choose another --out")
-    # Fail now, not after a long run: the nearest existing folder up the path must be one we can write into.
-    parent = out.absolute().parent
+    check_writable_parent(out)
+
+
+def check_writable_parent(out: Path) -> None:
+    """Fail now, not after a long run: the nearest existing folder up the path must be one we can write into."""
+    parent = Path(out).absolute().parent
     while not parent.exists() and parent != parent.parent:
         parent = parent.parent
     if not parent.is_dir():

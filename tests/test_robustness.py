@@ -312,6 +312,9 @@ def test_bad_export_format_and_eval_options(capsys, work, sheaf_dir):
         export(load_sheaf(sheaf_dir), out=work / "o", formats=["gguf"])
     refused(capsys, ["eval", sheaf_dir, "--limit", "0"], match=r"--limit must be a positive number", root=work)
     refused(capsys, ["eval", sheaf_dir, "--batch-size", "0"], match=r"--batch-size must be positive", root=work)
+    refused(capsys, ["eval", sheaf_dir, "--out", "/dev/null/report.json"],
+            match=r"cannot write to /dev/null/report\.json: /dev/null is not a folder; choose a writable --out", root=work)
+    refused(capsys, ["eval", sheaf_dir, "--out", work], match=r"is a folder; give the JSON file to write", root=work)
 
 
 # --- output folders --------------------------------------------------------------------------------------------

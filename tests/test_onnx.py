@@ -53,3 +53,18 @@ def test_llama_export_all_formats(tmp_path):
     assert (tmp_path / "e" / "model.onnx").is_file() and (tmp_path / "e" / "model.safetensors").is_file()
     assert info["max_abs_diff_onnx"] <= ONNX_TOLERANCE, info
     assert json.loads((tmp_path / "e" / "sheaf.json").read_text())["export"]["bytes_onnx"] == info["bytes_onnx"]
+
+
+def test_model_without_attention_keeps_the_attention_mask_input(tmp_path):
+    """Only MLPs left (Llama: no learned positions either): the ONNX model still takes attention_mask."""
+    view = view_of(tiny_model("llama"))
+    masks = {f"head/{l}": torch.zeros(view.spec.n_heads) for l in range(view.spec.n_layers)}
+    model = compact(view, masks).to_model()
+    assert not any(layer.n_heads for layer in model.layers)
+    ids = torch.randint(0, 50257, (2, 5))
+    write_onnx(model, tmp_path / "m.onnx", input_ids=ids, attention_mask=torch.ones_like(ids))
+    got = onnx_logits(tmp_path / "m.onnx", input_ids=ids, attention_mask=torch.ones_like(ids))
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+    diff = (got - want).abs().max().item()
+    assert diff <= ONNX_TOLERANCE, f"onnxruntime vs torch: max abs diff {diff:.3g}"

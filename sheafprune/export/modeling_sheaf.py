@@ -30,8 +30,9 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 class SheafConfig(PretrainedConfig):
     """`layers`: one dict per kept layer: `layer` (original index), `heads` (kept query heads),
     `kv_heads` (kept KV heads), `kv_of_q` (per kept head, its KV head's position in `kv_heads`),
-    `n_neurons`, `neurons` (kept MLP units), `b_out` (the MLP has an output bias), `reads` ({"q": [[writer, ...] per head], "k", "v": per KV
-    head, "mlp": [writer, ...]}), `const` (reader groups that carry a constant input vector).
+    `n_neurons`, `neurons` (kept MLP units), `b_out` (the MLP has an output bias), `reads` ({"q": [[writer,
+    ...] per head], "k", "v": per KV head, "mlp": [writer, ...]}), `const` (reader groups that carry a
+    constant input vector).
     `out_reads` / `out_const`: the same for the final reader."""
 
     model_type = "sheaf"

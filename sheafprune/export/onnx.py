@@ -20,9 +20,15 @@ class _Logits(nn.Module):
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
+        # With no attention head and no learned positions, attention_mask is unused and the exporter would
+        # drop the input; the interface promises it, so use it in a way that changes no value.
+        self.touch_mask = model.config.positional != "learned" and not any(layer.n_heads for layer in model.layers)
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-        return self.model(input_ids=input_ids, attention_mask=attention_mask).logits  # (B, T, V)
+        logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits  # (B, T, V)
+        if self.touch_mask:
+            logits = logits + 0.0 * attention_mask[..., None].to(logits.dtype)
+        return logits
 
 
 def write_onnx(model: nn.Module, path: Path, *, input_ids: Tensor, attention_mask: Tensor) -> None:

@@ -48,8 +48,9 @@ def _run(args: argparse.Namespace) -> int:
     if "bytes_onnx" in info:
         print(f"  {args.out / 'model.onnx'}: {_mb(info['bytes_onnx'])} "
               f"(onnxruntime vs torch max diff {info['max_abs_diff_onnx']:.2g})")
-    print(f"  load: sheafprune.export.load({str(args.out)!r}) or AutoModelForCausalLM.from_pretrained("
-          f"{str(args.out)!r}, trust_remote_code=True)")
+    if (args.out / "model.safetensors").exists():
+        print(f"  load: sheafprune.export.load({str(args.out)!r}) or AutoModelForCausalLM.from_pretrained("
+              f"{str(args.out)!r}, trust_remote_code=True)")
     return 0
 
 

@@ -40,6 +40,20 @@ def model_card(meta: dict[str, Any], info: dict[str, Any], formats: list[str]) -
         f"{info['layers_removed']:.1%} |",
         f"| zeros inside kept tensors | {info['zero_share']:.1%} |",
         f"| files | {', '.join(formats)} |",
+    ]
+    if "safetensors" in formats:
+        lines += _load_section()
+    if "onnx" in formats:
+        lines += ["", "`model.onnx`: inputs `input_ids`, `attention_mask` (int64, dynamic batch and sequence), "
+                  "output `logits`; checked against torch with onnxruntime "
+                  f"(max difference {_num(info.get('max_abs_diff_onnx'), '.2g')})."]
+    lines += ["", "The source sheaf (mask logits, training curve) is in `sheaf/`; its metadata and these export "
+              "figures are in `sheaf.json`.", ""]
+    return "\n".join(lines)
+
+
+def _load_section() -> list[str]:
+    return [
         "",
         "## Load",
         "",
@@ -53,10 +67,3 @@ def model_card(meta: dict[str, Any], info: dict[str, Any], formats: list[str]) -
         "`modeling_sheaf.py` (torch + transformers only) defines the architecture. `generate()` works; it "
         "recomputes the prefix at every step (no KV cache). Positions count only real tokens: pad on the left.",
     ]
-    if "onnx" in formats:
-        lines += ["", "`model.onnx`: inputs `input_ids`, `attention_mask` (int64, dynamic batch and sequence), "
-                  "output `logits`; checked against torch with onnxruntime "
-                  f"(max difference {_num(info.get('max_abs_diff_onnx'), '.2g')})."]
-    lines += ["", "The source sheaf (mask logits, training curve) is in `sheaf/`; its metadata and these export "
-              "figures are in `sheaf.json`.", ""]
-    return "\n".join(lines)

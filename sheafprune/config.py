@@ -61,7 +61,7 @@ class DiscoverConfig:
             if t not in self.granularity:
                 raise UserError(f"--target-density names {t!r}, which is not in --granularity {','.join(self.granularity)}")
             if isinstance(d, bool) or not isinstance(d, (int, float)) or not (0.0 < d <= 1.0):
-                raise UserError(f"target density {t}={d} is outside (0, 1]")
+                raise UserError(f"target density {t}={d} is outside (0, 1]; give the kept fraction, e.g. {t}=0.05")
         if self.gate not in GATES:
             raise UserError(f"unknown gate {self.gate!r}; use one of {', '.join(GATES)}")
         if self.schedule not in SCHEDULES:

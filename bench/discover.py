@@ -28,7 +28,7 @@ RUNS = {
     "ioi-joint": ["--model", "smollm2-135m", "--task", "ioi", *JOINT],
     "anaphor-joint": ["--model", "smollm2-135m", "--task", "blimp/anaphor_gender_agreement", *JOINT],
     "capitals-joint": ["--model", "smollm2-135m", "--task", "capitals", *JOINT],
-    "sentence-joint": ["--model", "smollm2-135m", "--task", "blimp/determiner_noun_agreement_1", *JOINT],
+    "sentence-joint": ["--model", "smollm2-135m", "--task", "blimp/determiner_noun_agreement_2", *JOINT],
     "ioi-staged": ["--model", "smollm2-135m", "--task", "ioi", "--schedule", "staged", "--granularity",
                    "weight,edge", "--steps", "40", "--batch-size", "16", *BUDGET],
 }

@@ -25,9 +25,9 @@ import torch
 
 from sheafprune.arch import view_of
 from sheafprune.compact import compact
-from sheafprune.export import export, load
-from sheafprune.export.hf import held_out_batch
-from sheafprune.export.onnx import write_onnx
+from sheafprune.exporter import export, load
+from sheafprune.exporter.hf import held_out_batch
+from sheafprune.exporter.onnx import write_onnx
 from sheafprune.masked import default_position_ids, mask_shapes
 from sheafprune.models import fingerprint, load_model
 from sheafprune.sheaf import Sheaf, load_sheaf

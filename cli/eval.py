@@ -7,7 +7,7 @@ from pathlib import Path
 
 
 def _run(args: argparse.Namespace) -> int:
-    from sheafprune.evaluate import evaluate, format_report
+    from sheafprune.evaluation import evaluate, format_report
 
     report = evaluate(args.path, tasks=args.tasks, limit=args.limit, batch_size=args.batch_size, out=args.out)
     print(format_report(report))

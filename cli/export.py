@@ -14,7 +14,7 @@ def _mb(n: int) -> str:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from sheafprune.export import export
+    from sheafprune.exporter import export
     from sheafprune.io import check_out_dir
     from sheafprune.sheaf import load_sheaf
 
@@ -30,7 +30,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.sheaf_dir is not None:
         sheaf = load_sheaf(args.sheaf_dir)
     else:
-        from sheafprune.discover import discover
+        from sheafprune.discovery import discover
 
         cfg = config_from_args(args)
         print(f"discovering a sheaf of {cfg.model} for {cfg.task} ...", flush=True)
@@ -49,7 +49,7 @@ def _run(args: argparse.Namespace) -> int:
         print(f"  {args.out / 'model.onnx'}: {_mb(info['bytes_onnx'])} "
               f"(onnxruntime vs torch max diff {info['max_abs_diff_onnx']:.2g})")
     if (args.out / "model.safetensors").exists():
-        print(f"  load: sheafprune.export.load({str(args.out)!r}) or AutoModelForCausalLM.from_pretrained("
+        print(f"  load: sheafprune.exporter.load({str(args.out)!r}) or AutoModelForCausalLM.from_pretrained("
               f"{str(args.out)!r}, trust_remote_code=True)")
     return 0
 

@@ -41,7 +41,7 @@ class Compacted:
     stats: dict[str, Any] = field(default_factory=dict)
 
     def to_model(self) -> "SheafForCausalLM":  # noqa: F821 (imported here: export/ imports this module)
-        from .export.modeling_sheaf import SheafConfig, SheafForCausalLM
+        from .exporter.modeling_sheaf import SheafConfig, SheafForCausalLM
 
         model = SheafForCausalLM(SheafConfig(**self.config))
         missing, unexpected = model.load_state_dict(self.tensors, strict=False)

@@ -185,8 +185,9 @@ class Trainer:
             sparse = paper_lambda(stage, local) * torch.stack(list(dens.values())).mean()
         loss = faith + self.cfg.lambda_complete * complete + sparse
         if not torch.isfinite(loss):
-            raise RunFailed(f"loss became {float(loss)} at step {self.step}; the last good checkpoint is in "
-                            f"{self.work_dir} (try a lower --lr)")
+            kept = (f"the last good checkpoint is in {self.work_dir}" if any(self.work_dir.glob("ckpt-*.json"))
+                    else "no checkpoint was written yet")
+            raise RunFailed(f"loss became {float(loss.detach())} at step {self.step}; {kept} (try a lower --lr)")
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         for group in self.optimizer.param_groups:  # data parallel: mean of the ranks' gradients

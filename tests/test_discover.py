@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from sheafprune.config import resolve_config
-from sheafprune.discover import discover
+from sheafprune.discovery import discover
 from sheafprune.gates import GATES, logistic_noise
 from sheafprune.sheaf import load_sheaf
 from sheafprune.train import Trainer, batch_indices, plan_stages

@@ -19,8 +19,8 @@ import torch
 from sheafprune.arch import view_of
 from sheafprune.cli.main import main
 from sheafprune.errors import UserError
-from sheafprune.evaluate import evaluate
-from sheafprune.export import export
+from sheafprune.evaluation import evaluate
+from sheafprune.exporter import export
 from sheafprune.lm_tasks import write_tasks
 from sheafprune.masked import mask_shapes, masked_forward
 from sheafprune.models import fingerprint, load_model
@@ -135,7 +135,7 @@ def test_unknown_task_is_one_line_error_before_loading(capsys):
 def test_unreachable_lm_eval_dataset_is_user_error(monkeypatch):
     """An lm-eval task whose dataset is on the hub: refused at once when the hub is unreachable, or (with
     HF_HUB_OFFLINE set, as in CI) as soon as datasets finds it missing from the HF cache."""
-    monkeypatch.setattr("sheafprune.evaluate._hub_reachable", lambda: False)
+    monkeypatch.setattr("sheafprune.evaluation._hub_reachable", lambda: False)
     with pytest.raises(UserError, match="cannot be reached|cannot load the dataset of lm-eval task"):
         evaluate("tiny-gpt2", tasks=["arc_easy"])
 

@@ -16,7 +16,7 @@ from sheafprune.arch import view_of
 from sheafprune.cli.main import main
 from sheafprune.compact import compact
 from sheafprune.errors import UserError
-from sheafprune.export import export, hf, load
+from sheafprune.exporter import export, hf, load
 from sheafprune.masked import mask_shapes, masked_forward
 from sheafprune.models import fingerprint, load_model, tiny_model
 from sheafprune.sheaf import Sheaf, load_sheaf, save_sheaf

@@ -10,8 +10,8 @@ import torch
 
 from sheafprune.arch import view_of
 from sheafprune.compact import compact
-from sheafprune.export import export
-from sheafprune.export.onnx import ONNX_TOLERANCE, onnx_logits, write_onnx
+from sheafprune.exporter import export
+from sheafprune.exporter.onnx import ONNX_TOLERANCE, onnx_logits, write_onnx
 from sheafprune.masked import mask_shapes, masked_forward
 from sheafprune.models import fingerprint, load_model, tiny_model
 from sheafprune.sheaf import Sheaf

@@ -23,7 +23,7 @@ import sheafprune.checkpoint as ckpt
 import sheafprune.train as train
 from sheafprune.cli.main import main
 from sheafprune.config import resolve_config
-from sheafprune.discover import discover, work_dir_for
+from sheafprune.discovery import discover, work_dir_for
 from sheafprune.errors import UserError
 from sheafprune.maskparams import MaskLogits
 
@@ -245,7 +245,7 @@ def test_resume_through_the_cli(tmp_path, monkeypatch, capsys):
 
 def test_killed_export_leaves_no_folder_or_a_whole_one(reference, tmp_path):
     """SIGKILL and SIGINT the moment the export's temporary folder appears (files are being written)."""
-    from sheafprune.export import load
+    from sheafprune.exporter import load
 
     procs = {}
     for sig in (signal.SIGKILL, signal.SIGINT):
@@ -275,7 +275,7 @@ def test_killed_export_leaves_no_folder_or_a_whole_one(reference, tmp_path):
 @pytest.mark.parametrize("step", ["save_sheaf", "model_card"])
 def test_interrupted_export_writes_nothing(step, reference, tmp_path, monkeypatch, capsys):
     """Ctrl-C in the middle of writing (model files done, sheaf/ or README.md not yet): no folder, no temp folder."""
-    from sheafprune.export import hf
+    from sheafprune.exporter import hf
 
     def interrupted(*args, **kwargs):
         assert list(tmp_path.glob(".exp.tmp-*/model.safetensors")), "not yet writing"

@@ -77,7 +77,7 @@ def sheaf_dir(gpt2, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def export_dir(gpt2, sheaf_dir, tmp_path_factory) -> Path:
-    from sheafprune.export import export
+    from sheafprune.exporter import export
 
     out = tmp_path_factory.mktemp("export") / "export"
     export(load_sheaf(sheaf_dir), out=out, model=gpt2[0], tokenizer=gpt2[1])
@@ -261,7 +261,7 @@ def test_export_folder_where_a_sheaf_belongs_and_the_reverse(capsys, work, expor
     (onnx_only / "model.safetensors").unlink()
     refused(capsys, ["export", onnx_only, "--out", work / "o"], match=r"is an export folder, not a sheaf folder",
             root=work)
-    from sheafprune.export import load
+    from sheafprune.exporter import load
 
     with pytest.raises(UserError, match=r"is not a sheafprune export folder with model.safetensors; run `sheafprune export"):
         load(sheaf_dir)
@@ -306,7 +306,7 @@ def test_config_file_problems(capsys, work):
 def test_bad_export_format_and_eval_options(capsys, work, sheaf_dir):
     refused(capsys, ["export", sheaf_dir, "--format", "gguf", "--out", work / "o"], match=r"invalid choice: 'gguf'",
             root=work)
-    from sheafprune.export import export
+    from sheafprune.exporter import export
 
     with pytest.raises(UserError, match=r"unknown export format gguf; use one of safetensors\|onnx\|all"):
         export(load_sheaf(sheaf_dir), out=work / "o", formats=["gguf"])
@@ -346,7 +346,7 @@ def test_unwritable_output_folder(capsys, work, sheaf_dir):
 
 
 def test_full_disk_while_exporting_removes_partial_files(capsys, work, sheaf_dir, monkeypatch):
-    from sheafprune.export import hf
+    from sheafprune.exporter import hf
 
     real = hf.save_file
 
@@ -397,12 +397,12 @@ def test_remote_code_is_trusted_only_for_our_own_modeling_file():
                 for kw in node.keywords:
                     if kw.arg == "trust_remote_code" and not (isinstance(kw.value, ast.Constant) and kw.value.value is False):
                         hits.append(f"{path.relative_to(PACKAGE)}:{node.lineno}")
-    assert [h.split(":")[0] for h in hits] == ["sheafprune/evaluate.py"], hits
+    assert [h.split(":")[0] for h in hits] == ["sheafprune/evaluation.py"], hits
 
 
 def test_loading_an_export_runs_none_of_its_code(export_dir, tmp_path):
-    """`sheafprune.export.load` uses the packaged class: a hostile modeling_sheaf.py in the folder is never run."""
-    from sheafprune.export import load
+    """`sheafprune.exporter.load` uses the packaged class: a hostile modeling_sheaf.py in the folder is never run."""
+    from sheafprune.exporter import load
 
     folder = copy_sheaf(export_dir, tmp_path / "hostile")
     marker = tmp_path / "ran"
@@ -440,7 +440,7 @@ def _items(path: Path) -> Path:
 def test_a_jsonl_sheaf_carries_its_items_and_never_reads_a_path_from_its_json(capsys, gpt2, work):
     """sheaf.json records where a jsonl task's items came from; the folder carries a copy, and only the copy is
     read, so the original may go and an edited path cannot make sheafprune read another file."""
-    from sheafprune.export import load
+    from sheafprune.exporter import load
 
     items = _items(work / "items.jsonl")
     sheaf = random_sheaf(gpt2[0], "tiny-gpt2")

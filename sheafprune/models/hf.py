@@ -64,7 +64,7 @@ def load_folder(path: Path, *, dtype: torch.dtype, name: str) -> Loaded:
     if model_type == "sheaf" and (path / "sheaf.json").is_file():
         made_for = _made_for(path / "sheaf.json")
         raise UserError(f"{str(path)!r} is a sheafprune export (a pruned model), not a model to prune; pass the "
-                        f"model it was made from{made_for}, or load the export with sheafprune.export.load")
+                        f"model it was made from{made_for}, or load the export with sheafprune.exporter.load")
     check_family(model_type, source=f"folder {str(path)!r}")
     try:
         # safetensors only: reading a pytorch_model.bin means unpickling it, which can run code.

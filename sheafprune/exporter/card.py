@@ -61,7 +61,7 @@ def _load_section() -> list[str]:
         "from transformers import AutoModelForCausalLM, AutoTokenizer",
         'model = AutoModelForCausalLM.from_pretrained("PATH", trust_remote_code=True)  # no sheafprune needed',
         'tokenizer = AutoTokenizer.from_pretrained("PATH")',
-        "# or, with sheafprune installed: from sheafprune.export import load; model = load(\"PATH\")",
+        "# or, with sheafprune installed: from sheafprune.exporter import load; model = load(\"PATH\")",
         "```",
         "",
         "`modeling_sheaf.py` (torch + transformers only) defines the architecture. `generate()` works; it "

@@ -70,7 +70,7 @@ def resolve_target(path_or_name: str | os.PathLike) -> Target:
 def check_export_code(folder: Path) -> None:
     """lm-eval loads an export with trust_remote_code, i.e. it runs the folder's Python. Allow that only for the
     modeling file this sheafprune ships, byte for byte, named by the auto_map it writes; refuse anything else."""
-    from .export import hf, modeling_sheaf
+    from .exporter import hf, modeling_sheaf
 
     config = read_json(folder / "config.json", what="export")
     if config.get("auto_map") != hf.AUTO_MAP:

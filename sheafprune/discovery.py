@@ -75,7 +75,12 @@ def discover(cfg: DiscoverConfig, *, out: Optional[Path] = None, resume: bool = 
         log = write_jsonl(live)
         for row in trainer.curve:
             log(row)
-    trainer.run(log=log)
+    try:
+        trainer.run(log=log)
+    except BaseException:
+        if out is None and acc.is_main_process:
+            shutil.rmtree(work_dir, ignore_errors=True)  # an in-memory run cannot be resumed: leave nothing behind
+        raise
 
     with torch.no_grad():
         for key, p in params.named_logits().items():

@@ -35,7 +35,7 @@ class DiscoverConfig:
     batch_size: int = 32  # global batch, split across processes
     lr: float = 0.1  # AdamW on mask logits
     adam_beta2: float = 0.9  # shorter memory than 0.999: straight-through gradients of tau=0.01 gates are rare spikes
-    dual_lr: float = 10.0  # dual-ascent step of the density controller's multipliers
+    dual_lr: float = 1.0  # dual-ascent step of the density controller's multipliers (a drift of lr * lambda)
     lambda_complete: float = 1.0  # weight of the completeness loss
     warmup: float = 0.6  # fraction of steps over which the density target ramps from 1 down to its value
     tau_weight: float = 0.01

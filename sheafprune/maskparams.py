@@ -2,12 +2,14 @@
 controller. The frozen model is never part of this module, so data-parallel training all-reduces
 just the logits' gradients and every rank holds identical masks.
 
-Density controller (a Lagrangian, as in Edge Pruning / Sheared-LLaMA, for the inequality d_t <= rho_t):
-for each mask type t with a target rho_t the loss gets  lambda_t * (d_t - rho_t),  d_t the expected kept
-fraction. lambda_t >= 0 is not trained by gradient descent but by dual ascent after every step,
-lambda_t <- lambda_t + dual_lr * (k_t - rho_t) while k_t > rho_t and 0 otherwise, where k_t is the kept fraction of the deterministic
-sheaf (logit > 0), the density that is finally reported: it grows while the sheaf is denser than its target
-and is released once the target is met, leaving the task loss free to keep what it needs.
+Density controller (a Lagrangian for the inequality k_t <= rho_t, acting as a decoupled drift): for each mask
+type t with a target rho_t, a multiplier lambda_t >= 0 is raised by dual ascent after every step,
+lambda_t <- lambda_t + dual_lr * (k_t - rho_t) while k_t > rho_t and 0 otherwise, k_t being the kept fraction of
+the deterministic sheaf (logit > 0), the density that is finally reported. The multiplier acts on the logits as
+a drift, logit <- logit - lr * lambda_t after the optimizer step (like AdamW's decoupled weight decay), not
+through the loss: Adam's per-entry normalization would otherwise scale the pull by the rare, huge
+straight-through gradients of tau = 0.01 gates, and the density stalls far above the target. The task loss
+(through Adam, at most ~lr per step) keeps what the task needs; everything else drifts below zero.
 """
 
 from __future__ import annotations
@@ -64,12 +66,6 @@ class MaskLogits(nn.Module):
         density = {t: kept[t] / count[t] for t in kept}
         return masks, comp, density
 
-    def lagrangian(self, density: Mapping[str, Tensor], targets: Mapping[str, float]) -> Tensor:
-        """Sum over targeted types of lambda_t * (d_t - rho_t)."""
-        terms = [self.multipliers[i] * (density[t] - targets[t])
-                 for i, t in enumerate(self.target_types) if t in density and t in targets]
-        return torch.stack(terms).sum() if terms else torch.zeros(())
-
     @torch.no_grad()
     def kept(self, types: tuple[str, ...]) -> dict[str, float]:
         """Kept fraction of the deterministic masks (logit > 0) per mask type."""
@@ -81,6 +77,15 @@ class MaskLogits(nn.Module):
                 kept[t] = kept.get(t, 0) + int((logit > 0).sum())
                 total[t] = total.get(t, 0) + logit.numel()
         return {t: kept[t] / total[t] for t in kept}
+
+    @torch.no_grad()
+    def drift(self, types: tuple[str, ...], lr: float) -> None:
+        """logit <- logit - lr * lambda_t for every targeted type t being trained."""
+        lam = {t: float(self.multipliers[i]) for i, t in enumerate(self.target_types)}
+        for key, logit in zip(self.keys, self.logits):
+            t = mask_type(key)
+            if t in types and lam.get(t, 0.0) > 0:
+                logit.sub_(lr * lam[t])
 
     @torch.no_grad()
     def dual_step(self, kept: Mapping[str, float], targets: Mapping[str, float], lr: float) -> None:

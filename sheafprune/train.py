@@ -176,11 +176,10 @@ class Trainer:
         complete = completeness(task_scores(self.view, batch, comp))
         targets = self._targets_now(stage, local)
         if stage.sparsity == "controller":
-            sparse = self.params.lagrangian(dens, targets)
-            # Types without a target still get DiscoGP's plain sparsity pressure.
+            # Targeted types are pulled by the controller's drift (maskparams); the others get DiscoGP's
+            # plain sparsity pressure.
             untargeted = [dens[t] for t in dens if t not in targets]
-            if untargeted:
-                sparse = sparse + torch.stack(untargeted).mean()
+            sparse = torch.stack(untargeted).mean() if untargeted else torch.zeros((), device=faith.device)
         else:
             sparse = paper_lambda(stage, local) * torch.stack(list(dens.values())).mean()
         loss = faith + self.cfg.lambda_complete * complete + sparse
@@ -198,6 +197,8 @@ class Trainer:
         kept = self.params.kept(stage.trained)
         if stage.sparsity == "controller":
             self.params.dual_step(kept, targets, self.cfg.dual_lr)
+            self.params.drift(stage.trained, self.cfg.lr)
+            kept = self.params.kept(stage.trained)
         vals = torch.stack([loss.detach(), faith.detach(), complete.detach()])
         if self.acc.num_processes > 1:
             vals = self.acc.reduce(vals, reduction="mean")

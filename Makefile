@@ -21,7 +21,8 @@ $(VENV)/.installed: pyproject.toml
 demo: install
 	$(BIN)/sheafprune export --model smollm2-135m --task ioi --config configs/demo.yaml --format all \
 		--out exports/smollm2-ioi --overwrite
-	$(BIN)/sheafprune eval exports/smollm2-ioi --tasks ioi,blimp_anaphor_gender_agreement --limit 200 --out exports/smollm2-ioi-eval.json
+	$(BIN)/sheafprune eval exports/smollm2-ioi --limit 100 --out exports/smollm2-ioi-eval.json \
+		--tasks ioi,blimp/anaphor_gender_agreement,blimp/regular_plural_subject_verb_agreement_1,blimp/determiner_noun_agreement_2
 
 test: install
 	$(BIN)/pytest -q

@@ -10,7 +10,7 @@ kept edge; a reader is kept iff its head/MLP is. A constant writer's value is ad
 reader that reads it (`*_const`). KV heads are kept iff some kept query head uses them; layers with no
 kept head or MLP go. Element zeros inside kept tensors stay as they are.
 
-The result is the config and tensors of `export/modeling_sheaf.py`'s SheafForCausalLM.
+The result is the config and tensors of `exporter/modeling_sheaf.py`'s SheafForCausalLM.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ class Compacted:
     tensors: dict[str, Tensor]  # SheafForCausalLM state dict
     stats: dict[str, Any] = field(default_factory=dict)
 
-    def to_model(self) -> "SheafForCausalLM":  # noqa: F821 (imported here: export/ imports this module)
+    def to_model(self) -> "SheafForCausalLM":  # noqa: F821 (imported here: exporter/ imports this module)
         from .exporter.modeling_sheaf import SheafConfig, SheafForCausalLM
 
         model = SheafForCausalLM(SheafConfig(**self.config))

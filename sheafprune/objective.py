@@ -71,11 +71,16 @@ def sheaf_metrics(view: ArchView, tokenizer, task: Task, masks: Mapping[str, Ten
     full_s, target = full if full is not None else split_scores(view, tokenizer, task, None, **kw)
     sheaf_s, _ = split_scores(view, tokenizer, task, masks, **kw)
     comp_s, _ = split_scores(view, tokenizer, task, complement, **kw)
-    full_acc, sheaf_acc = accuracy(full_s, target), accuracy(sheaf_s, target)
+    return metrics_from_scores(full_s, sheaf_s, comp_s, target, split=split)
+
+
+def metrics_from_scores(full: Tensor, sheaf: Tensor, complement: Tensor, target: Tensor, *, split: str) -> dict:
+    """The reported metrics from the candidate scores (n, C) of full model, sheaf and complement."""
+    full_acc, sheaf_acc = accuracy(full, target), accuracy(sheaf, target)
     return {
         "split": split, "n": int(target.numel()),
         "full_accuracy": full_acc, "sheaf_accuracy": sheaf_acc,
-        "complement_accuracy": accuracy(comp_s, target),
-        "kl": float(kl_div(sheaf_s, full_s)),
+        "complement_accuracy": accuracy(complement, target),
+        "kl": float(kl_div(sheaf, full)),
         "accuracy_kept": sheaf_acc / full_acc if full_acc > 0 else float("nan"),
     }

@@ -29,7 +29,7 @@ from .config import DiscoverConfig
 from .errors import RunFailed, UserError
 from .gates import GATES, deterministic
 from .maskparams import MaskLogits, ramp
-from .objective import accuracy, completeness, faithfulness, kl_div, split_scores, task_scores
+from .objective import completeness, faithfulness, metrics_from_scores, split_scores, task_scores
 from .sheaf import mask_type
 from .tasks import Task, encode
 
@@ -148,10 +148,7 @@ class Trainer:
         full_s, target = full or self._scores(split, None)
         sheaf_s, _ = self._scores(split, self.masks())
         comp_s, _ = self._scores(split, self.masks(trained, complement=True))
-        full_acc, sheaf_acc = accuracy(full_s, target), accuracy(sheaf_s, target)
-        return {"split": split, "n": int(target.numel()), "full_accuracy": full_acc, "sheaf_accuracy": sheaf_acc,
-                "complement_accuracy": accuracy(comp_s, target), "kl": float(kl_div(sheaf_s, full_s)),
-                "accuracy_kept": sheaf_acc / full_acc if full_acc > 0 else float("nan")}
+        return metrics_from_scores(full_s, sheaf_s, comp_s, target, split=split)
 
     def _local_batch(self, step: int):
         items = self.task.items("train")

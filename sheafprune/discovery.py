@@ -82,11 +82,12 @@ def discover(cfg: DiscoverConfig, *, out: Optional[Path] = None, resume: bool = 
             shutil.rmtree(work_dir, ignore_errors=True)  # an in-memory run cannot be resumed: leave nothing behind
         raise
 
+    final = trainer.final_logits()  # copied once: SmolLM2's weight logits alone are ~0.4 GB
     with torch.no_grad():
         for key, p in params.named_logits().items():
-            p.copy_(trainer.final_logits()[key])
+            p.copy_(final[key])
     metrics = trainer.evaluate("test", tuple(cfg.granularity))
-    sheaf = Sheaf(logits=trainer.final_logits(), curve=trainer.curve, meta={
+    sheaf = Sheaf(logits=final, curve=trainer.curve, meta={
         "format": "sheafprune.sheaf/1",
         "model": {"name": cfg.model, "fingerprint": fingerprint(model), "family": view.spec.family},
         "task": task.name,

@@ -37,9 +37,6 @@ class MaskLogits(nn.Module):
     def named_logits(self) -> dict[str, Tensor]:
         return dict(zip(self.keys, self.logits))
 
-    def types(self) -> list[str]:
-        return sorted({mask_type(k) for k in self.keys})
-
     def forward(self, *, trained: tuple[str, ...], gate: str, taus: Mapping[str, float], noise_seed: int,
                 frozen_masks: Optional[Mapping[str, Tensor]] = None) -> tuple[dict, dict, dict]:
         """Sample masks for one step. Returns (masks, complement masks, expected density per trained type).

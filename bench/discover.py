@@ -4,9 +4,13 @@ the test split), wall time and peak memory of each run, each run in its own proc
 
     python -m bench.discover                       # the issue-3 runs (30 min budget each: hours in total)
     python -m bench.discover --runs ioi-joint      # one of them
+    python -m bench.discover --jobs 2              # two runs at a time, one thread each (half the wall time)
     python -m bench.discover --quick               # tiny-gpt2, a minute
 
-Results: bench/results/discover[_quick].json (one entry per run, appended as runs finish).
+With --jobs 2 each run gets one of the two cores, so it is a stricter test of a wall-time budget, not a looser one:
+a run stops when its --max-minutes budget is spent, having made about half the steps it would make alone.
+
+Results: bench/results/discover[_quick].json (one entry per run name, written as runs finish).
 """
 
 from __future__ import annotations
@@ -18,19 +22,20 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results"
 BUDGET = ["--max-minutes", "30"]
-JOINT = ["--granularity", "weight,edge", "--target-density", "weight=0.05,edge=0.05", "--steps", "80",
-         "--batch-size", "16", *BUDGET]
+JOINT = ["--granularity", "weight,edge", "--target-density", "weight=0.05,edge=0.05", "--steps", "100",
+         "--batch-size", "16", "--eval-every", "5", *BUDGET]
 RUNS = {
     "ioi-joint": ["--model", "smollm2-135m", "--task", "ioi", *JOINT],
     "anaphor-joint": ["--model", "smollm2-135m", "--task", "blimp/anaphor_gender_agreement", *JOINT],
     "capitals-joint": ["--model", "smollm2-135m", "--task", "capitals", *JOINT],
     "sentence-joint": ["--model", "smollm2-135m", "--task", "blimp/determiner_noun_agreement_2", *JOINT],
     "ioi-staged": ["--model", "smollm2-135m", "--task", "ioi", "--schedule", "staged", "--granularity",
-                   "weight,edge", "--steps", "40", "--batch-size", "16", *BUDGET],
+                   "weight,edge", "--steps", "50", "--batch-size", "16", "--eval-every", "5", *BUDGET],
 }
 QUICK = {
     "tiny-joint": ["--model", "tiny-gpt2", "--task", "ioi", "--steps", "60", "--batch-size", "16",
@@ -40,18 +45,20 @@ QUICK = {
 }
 
 
-def run_one(name: str, args: list[str], workdir: Path) -> dict:
+def run_one(name: str, args: list[str], workdir: Path, threads: int | None = None) -> dict:
     out = workdir / name
     cmd = [str(Path(sys.executable).with_name("sheafprune")), "discover", *args, "--out", str(out), "--overwrite"]
+    env = dict(os.environ, **({"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)} if threads else {}))
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
     stdout = proc.stdout.read()
     _, status, usage = os.wait4(proc.pid, 0)  # this child's own peak RSS
     wall = time.perf_counter() - t0
     if status != 0:
         return {"run": name, "command": " ".join(cmd), "failed": status}
     meta = json.loads((out / "sheaf.json").read_text())
-    return {"run": name, "command": "sheafprune discover " + " ".join(args), "wall_seconds": round(wall, 1),
+    return {"run": name, "command": "sheafprune discover " + " ".join(args), "threads": threads or os.cpu_count(),
+            "wall_seconds": round(wall, 1),
             "peak_rss_mb": round(usage.ru_maxrss / 1024), "density": meta["density"], "metrics": meta["metrics"],
             "training": meta["training"], "stdout": stdout.strip().splitlines()[-1:]}
 
@@ -60,24 +67,31 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--runs", help="comma-separated subset of: " + ", ".join(RUNS))
+    ap.add_argument("--jobs", type=int, default=1, help="runs at a time, the cores split between them")
     ap.add_argument("--keep", type=Path, help="keep the sheaf folders here (default: a temporary folder)")
     args = ap.parse_args(argv)
     table = QUICK if args.quick else RUNS
     names = args.runs.split(",") if args.runs else list(table)
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"discover{'_quick' if args.quick else ''}.json"
-    rows = []
+    # Runs of earlier invocations stay (a run of the same name is replaced): the full set takes hours.
+    rows = json.loads(path.read_text())["rows"] if path.exists() else []
+
+    def report(row: dict) -> None:
+        rows[:] = [r for r in rows if r.get("run") != row["run"]] + [row]
+        m = row.get("metrics", {})
+        print(f"{row['run']:16s} density {row.get('density')}  acc full/sheaf/complement "
+              f"{m.get('full_accuracy', float('nan')):.3f}/{m.get('sheaf_accuracy', float('nan')):.3f}/"
+              f"{m.get('complement_accuracy', float('nan')):.3f}  {row.get('wall_seconds')} s  "
+              f"{row.get('peak_rss_mb')} MB  {row.get('threads')} thread(s)", flush=True)
+        path.write_text(json.dumps({"bench": "discover", "quick": args.quick, "rows": rows}, indent=2))
+
     with tempfile.TemporaryDirectory() as tmp:
         workdir = args.keep or Path(tmp)
-        for name in names:
-            row = run_one(name, table[name], workdir)
-            rows.append(row)
-            m = row.get("metrics", {})
-            print(f"{name:16s} density {row.get('density')}  acc full/sheaf/complement "
-                  f"{m.get('full_accuracy', float('nan')):.3f}/{m.get('sheaf_accuracy', float('nan')):.3f}/"
-                  f"{m.get('complement_accuracy', float('nan')):.3f}  {row.get('wall_seconds')} s  "
-                  f"{row.get('peak_rss_mb')} MB", flush=True)
-            path.write_text(json.dumps({"bench": "discover", "quick": args.quick, "rows": rows}, indent=2))
+        threads = None if args.jobs == 1 else max(1, (os.cpu_count() or 2) // args.jobs)
+        with ThreadPoolExecutor(args.jobs) as pool:
+            for row in pool.map(lambda n: run_one(n, table[n], workdir, threads), names):
+                report(row)
     print(f"wrote {path}")
     return 0
 

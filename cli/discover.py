@@ -16,9 +16,12 @@ def add_discover_options(p: argparse.ArgumentParser, *, required: bool = True) -
     p.add_argument("--target-density", dest="target_density", help="kept fraction per type, e.g. weight=0.03,edge=0.03")
     p.add_argument("--schedule", choices=("joint", "staged"), help="joint (default) or DiscoGP's staged weights-then-edges")
     p.add_argument("--gate", choices=("concrete", "hard_concrete"))
+    p.add_argument("--init", choices=("attribution", "constant"),
+                   help="initial mask logits: ranked by attribution on the full model (default) or DiscoGP's constant")
     p.add_argument("--steps", type=int)
     p.add_argument("--batch-size", dest="batch_size", type=int)
     p.add_argument("--lr", type=float)
+    p.add_argument("--eval-every", dest="eval_every", type=int, help="steps between dev evaluations (best-sheaf tracking)")
     p.add_argument("--seed", type=int)
     p.add_argument("--max-minutes", dest="max_minutes", type=float, help="wall-clock budget for discovery")
     p.add_argument("--n-items", dest="n_items", type=int, help="number of generated items (ioi)")
@@ -28,7 +31,7 @@ def add_discover_options(p: argparse.ArgumentParser, *, required: bool = True) -
 
 
 def config_from_args(args: argparse.Namespace) -> DiscoverConfig:
-    keys = ("model", "task", "granularity", "target_density", "schedule", "gate", "steps", "batch_size", "lr",
+    keys = ("model", "task", "granularity", "target_density", "schedule", "gate", "init", "steps", "batch_size", "lr", "eval_every",
             "seed", "n_items", "max_minutes")
     return resolve_config(yaml_path=args.config, overrides={k: getattr(args, k, None) for k in keys})
 

@@ -18,8 +18,11 @@ from .errors import UserError
 GRANULARITIES = ("weight", "neuron", "head", "edge")
 GATES = ("concrete", "hard_concrete")
 SCHEDULES = ("joint", "staged")
+INITS = ("attribution", "constant")
+CONTROLS = ("kept", "expected")
 
-_FLOATS = ("lr", "adam_beta2", "dual_lr", "lambda_complete", "warmup", "tau_weight", "tau_edge", "init_mean", "init_std")
+_FLOATS = ("lr", "adam_beta2", "dual_lr", "lambda_complete", "warmup", "tau_weight", "tau_edge", "init_mean", "init_std",
+           "noise_start", "noise_final", "init_spread")
 
 
 @dataclass(frozen=True)
@@ -35,11 +38,28 @@ class DiscoverConfig:
     batch_size: int = 32  # global batch, split across processes
     lr: float = 0.1  # AdamW on mask logits
     adam_beta2: float = 0.9  # shorter memory than 0.999: straight-through gradients of tau=0.01 gates are rare spikes
+    # What the density controller holds at the target: "kept", the deterministic sheaf's density (logit > 0),
+    # or "expected", the mean P(keep) of the masks sampled at the current noise scale (maskparams.py).
+    control: str = "kept"
     dual_lr: float = 1.0  # dual-ascent step of the density controller's multipliers (a drift of lr * lambda)
     lambda_complete: float = 1.0  # weight of the completeness loss
     warmup: float = 0.6  # fraction of steps over which the density target ramps from 1 down to its value
-    tau_weight: float = 0.01
+    # Straight-through temperature of weight gates. None = the schedule's own: DiscoGP's 0.01 in "staged"; 1.0 in
+    # "joint", whose annealed noise would leave a 0.01 gate a gradient only within ~0.1 of logit 0 (measured on
+    # SmolLM2/IOI: the weight masks then freeze at their initial ranking and the sheaf never recovers).
+    tau_weight: Optional[float] = None
     tau_edge: float = 1.0
+    # Joint schedule: the gate's noise scale anneals from noise_start to noise_final over the warmup, so the masks
+    # trained on become the deterministic sheaf that is evaluated and exported (gates.py). 1 = DiscoGP's gate.
+    noise_start: float = 1.0
+    noise_final: float = 1.0
+    # Joint schedule: "attribution" spreads the initial logits over init_mean +- init_spread by the rank of each
+    # entry's |dLoss/dmask| on the full model (init_batches batches), so the first entries the controller removes
+    # are the least used ones, not random ones; "constant" is DiscoGP's N(init_mean, init_std) (always used by the
+    # staged preset).
+    init: str = "constant"
+    init_spread: float = 1.0
+    init_batches: int = 4
     init_mean: float = 1.0
     init_std: float = 0.01
     n_items: Optional[int] = None  # task size where the task generates items (ioi)
@@ -51,6 +71,9 @@ class DiscoverConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        if self.tau_weight is None:  # resolved here, so sheaf.json records the value used
+            annealed = self.schedule == "joint" and self.noise_final < 1.0
+            object.__setattr__(self, "tau_weight", 1.0 if annealed else 0.01)
         if not isinstance(self.target_density, Mapping):
             raise UserError(f"target_density must map mask types to densities, e.g. weight=0.03,edge=0.03, "
                             f"got {self.target_density!r}")
@@ -64,9 +87,13 @@ class DiscoverConfig:
                 raise UserError(f"target density {t}={d} is outside (0, 1]; give the kept fraction, e.g. {t}=0.05")
         if self.gate not in GATES:
             raise UserError(f"unknown gate {self.gate!r}; use one of {', '.join(GATES)}")
+        if self.control not in CONTROLS:
+            raise UserError(f"unknown control {self.control!r}; use one of {', '.join(CONTROLS)}")
+        if self.init not in INITS:
+            raise UserError(f"unknown init {self.init!r}; use one of {', '.join(INITS)}")
         if self.schedule not in SCHEDULES:
             raise UserError(f"unknown schedule {self.schedule!r}; use one of {', '.join(SCHEDULES)}")
-        for name in ("steps", "batch_size", "eval_every", "checkpoint_every", "seed", "n_items"):
+        for name in ("steps", "batch_size", "eval_every", "checkpoint_every", "seed", "n_items", "init_batches"):
             value = getattr(self, name)
             if value is None and name == "n_items":
                 continue
@@ -79,7 +106,7 @@ class DiscoverConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise UserError(f"--{name.replace('_', '-')} must be a finite number, got {value!r}")
-        for name in ("lr", "dual_lr", "tau_weight", "tau_edge"):
+        for name in ("lr", "dual_lr", "tau_weight", "tau_edge", "init_spread"):
             if not getattr(self, name) > 0:
                 raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
         if self.max_minutes is not None and (isinstance(self.max_minutes, bool) or not isinstance(
@@ -87,6 +114,9 @@ class DiscoverConfig:
             raise UserError(f"--max-minutes must be a positive number, got {self.max_minutes!r}")
         if not 0.0 < self.adam_beta2 < 1.0:
             raise UserError(f"adam_beta2 must be in (0, 1), got {self.adam_beta2}")
+        for name in ("noise_start", "noise_final"):
+            if not 0.0 < getattr(self, name) <= 1.0:
+                raise UserError(f"{name} must be in (0, 1], got {getattr(self, name)}")
         if not (0.0 <= self.warmup <= 1.0):
             raise UserError(f"warmup must be in [0, 1], got {self.warmup}")
 

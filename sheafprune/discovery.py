@@ -67,6 +67,8 @@ def discover(cfg: DiscoverConfig, *, out: Optional[Path] = None, resume: bool = 
                       work_dir=work_dir, progress=progress)
     if resume:
         trainer.resume()
+    else:
+        trainer.init_logits()
     log = None
     if acc.is_main_process:
         work_dir.mkdir(parents=True, exist_ok=True)

@@ -2,10 +2,13 @@
 decision (keep iff logit > 0) at test time. Each gate is one small function pair, swappable by name.
 
 - concrete: DiscoGP's binary-concrete gate with a straight-through estimator. Forward is hard,
-  keep = 1[logit + L > 0] with L ~ Logistic(0, 1), so P(keep) = sigmoid(logit); backward uses
-  d/dlogit sigmoid((logit + L) / tau).
+  keep = 1[logit + s*L > 0] with L ~ Logistic(0, 1), so P(keep) = sigmoid(logit / s); backward uses
+  d/dlogit sigmoid((logit + s*L) / tau).
 - hard_concrete: Louizos et al.'s stretched-and-clamped concrete (L0 regularization); exact zeros and ones
-  with a true gradient in between; P(nonzero) = sigmoid(logit - beta * log(-lo / hi)).
+  with a true gradient in between; P(nonzero) = sigmoid((logit - beta * log(-lo / hi)) / s).
+
+s is the noise scale: 1 is DiscoGP's gate; as s -> 0 the sample becomes the test-time mask (logit > 0).
+The joint schedule anneals it (train.py) so the masks trained on converge to the sheaf that is evaluated.
 """
 
 from __future__ import annotations
@@ -46,8 +49,8 @@ def concrete_sample(logits: Tensor, noise: Tensor, tau: float) -> Tensor:
     return _StraightThrough.apply(logits + noise, tau)
 
 
-def concrete_p_keep(logits: Tensor) -> Tensor:
-    return torch.sigmoid(logits)
+def concrete_p_keep(logits: Tensor, scale: float = 1.0) -> Tensor:
+    return torch.sigmoid(logits / scale)
 
 
 _BETA, _LO, _HI = 2.0 / 3.0, -0.1, 1.1
@@ -59,14 +62,14 @@ def hard_concrete_sample(logits: Tensor, noise: Tensor, tau: float) -> Tensor:
     return (s * (_HI - _LO) + _LO).clamp(0.0, 1.0)
 
 
-def hard_concrete_p_keep(logits: Tensor) -> Tensor:
-    return torch.sigmoid(logits - _BETA * math.log(-_LO / _HI))
+def hard_concrete_p_keep(logits: Tensor, scale: float = 1.0) -> Tensor:
+    return torch.sigmoid((logits - _BETA * math.log(-_LO / _HI)) / scale)
 
 
 @dataclass(frozen=True)
 class Gate:
-    sample: Callable[[Tensor, Tensor, float], Tensor]  # (logits, logistic noise, tau) -> mask
-    p_keep: Callable[[Tensor], Tensor]  # expected kept fraction per entry (the sparsity loss)
+    sample: Callable[[Tensor, Tensor, float], Tensor]  # (logits, scaled logistic noise s*L, tau) -> mask
+    p_keep: Callable[..., Tensor]  # (logits, s) -> P(keep) per entry under noise scale s
 
 
 GATES: dict[str, Gate] = {

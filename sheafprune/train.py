@@ -89,7 +89,7 @@ class Trainer:
         self.stages = plan_stages(cfg)
         self.total_steps = sum(s.steps for s in self.stages)
         self.targets = {t: float(d) for t, d in cfg.target_density.items()}
-        self.start_density = float(GATES[cfg.gate].p_keep(torch.tensor(cfg.init_mean)))
+        self.start_density = self._initial_density()
         # Node masks (neurons, heads) are few and coarse like edges: they get the edge temperature.
         self.taus = {"weight": cfg.tau_weight, "neuron": cfg.tau_edge, "head": cfg.tau_edge, "edge": cfg.tau_edge}
         self.curve: list[dict[str, Any]] = []
@@ -98,6 +98,48 @@ class Trainer:
         self.elapsed = 0.0
         self.optimizer = self._make_optimizer(self.stages[0])
         self.full_dev = self._scores("dev", None)
+
+    # --- initialization ---------------------------------------------------------------------------
+    def _attribution_init(self) -> bool:
+        return self.cfg.init == "attribution" and self.cfg.schedule == "joint"
+
+    def _initial_density(self) -> float:
+        """Expected kept fraction of the initial logits under the first step's noise scale: where the target
+        ramp starts. From the init's distribution, not the logits, so a resumed run computes the same ramp."""
+        stage = self.stages[0]
+        scale = self._noise_scale(stage, 0)
+        c, a = self.cfg.init_mean, self.cfg.init_spread
+        grid = c + a * torch.linspace(-1, 1, 2001) if self._attribution_init() else torch.tensor([c])
+        return float(GATES[self.cfg.gate].p_keep(grid, scale).mean())  # attribution: logits uniform in c +- a
+
+    def init_logits(self) -> None:
+        """Before step 1 of a fresh run: attribution-ranked logits (cfg.init), else keep DiscoGP's constant init.
+
+        The score of a mask entry is |dL/dm| at m = 1 (the full model), L the faithfulness loss, summed over
+        cfg.init_batches training batches: the first-order change of the loss if that entry alone were removed
+        (for edges this is edge attribution patching with zero ablation). Every rank scores its slice of the
+        same global batches and the scores are all-reduced, so the logits are identical on every rank.
+        """
+        if not self._attribution_init():
+            return
+        from tqdm.auto import tqdm
+
+        shapes = {k: tuple(p.shape) for k, p in self.params.named_logits().items()}
+        ones = {k: torch.ones(shape, device=self.device, requires_grad=True) for k, shape in shapes.items()}
+        for b in tqdm(range(self.cfg.init_batches), desc="attribution", disable=not self.progress, leave=False):
+            batch = self._local_batch(b)
+            faithfulness(task_scores(self.view, batch, ones), batch.target).backward()
+        scores = {}
+        for k, m in ones.items():
+            g = m.grad if m.grad is not None else torch.zeros_like(m)
+            if self.acc.num_processes > 1:
+                g = self.acc.reduce(g, reduction="mean")
+            if not torch.isfinite(g).all():
+                raise RunFailed(f"the attribution init got a non-finite gradient for {k}; the model's outputs on "
+                                f"this task are not finite (try --init constant)")
+            scores[k] = g.abs()
+        del ones
+        self.params.init_from_scores(scores, center=self.cfg.init_mean, spread=self.cfg.init_spread, seed=self.cfg.seed)
 
     # --- pieces ----------------------------------------------------------------------------------
     def _make_optimizer(self, stage: Stage) -> torch.optim.Optimizer:
@@ -162,12 +204,20 @@ class Trainer:
         return {t: ramp(local, start=self.start_density, end=d, steps=warm)
                 for t, d in self.targets.items() if t in stage.trained}
 
+    def _noise_scale(self, stage: Stage, local: int) -> float:
+        """1 (DiscoGP) in the staged preset; noise_start -> noise_final over the warmup in the joint schedule."""
+        if stage.sparsity != "controller":
+            return 1.0
+        return ramp(local, start=self.cfg.noise_start, end=self.cfg.noise_final, steps=int(self.cfg.warmup * stage.steps))
+
     # --- one step --------------------------------------------------------------------------------
     def train_step(self) -> dict[str, Any]:
         stage, local = self._stage_at(self.step)
         frozen = self._frozen(stage)
+        scale = self._noise_scale(stage, local)
         masks, comp, dens = self.params(trained=stage.trained, gate=self.cfg.gate, taus=self.taus,
-                                        noise_seed=self.cfg.seed * 1_000_003 + self.step, frozen_masks=frozen)
+                                        noise_seed=self.cfg.seed * 1_000_003 + self.step, noise_scale=scale,
+                                        frozen_masks=frozen)
         batch = self._local_batch(self.step)
         faith = faithfulness(task_scores(self.view, batch, masks), batch.target)
         complete = completeness(task_scores(self.view, batch, comp))
@@ -191,17 +241,18 @@ class Trainer:
                 if p.grad is not None and self.acc.num_processes > 1:
                     p.grad = self.acc.reduce(p.grad, reduction="mean")
         self.optimizer.step()
+        expected = {t: float(d.detach()) for t, d in dens.items()}
         kept = self.params.kept(stage.trained)
         if stage.sparsity == "controller":
-            self.params.dual_step(kept, targets, self.cfg.dual_lr)
+            self.params.dual_step(kept if self.cfg.control == "kept" else expected, targets, self.cfg.dual_lr)
             self.params.drift(stage.trained, self.cfg.lr)
             kept = self.params.kept(stage.trained)
         vals = torch.stack([loss.detach(), faith.detach(), complete.detach()])
         if self.acc.num_processes > 1:
             vals = self.acc.reduce(vals, reduction="mean")
         return {"step": self.step + 1, "stage": stage.name, "loss": float(vals[0]), "faith": float(vals[1]),
-                "complete": float(vals[2]), "expected": {t: float(d.detach()) for t, d in dens.items()},
-                "kept": kept, "target": targets}
+                "complete": float(vals[2]), "expected": expected, "kept": kept, "target": targets,
+                "noise": round(scale, 4)}
 
     # --- the loop --------------------------------------------------------------------------------
     def _targets_met(self, kept: dict[str, float]) -> bool:

@@ -44,6 +44,21 @@ def test_gate_keep_probability_and_gradients(gate):
     assert logits.grad.abs().sum(0).min() > 0, f"{gate}: some logits get no gradient: {logits.grad.abs().sum(0)}"
 
 
+@pytest.mark.parametrize("gate", list(GATES))
+@pytest.mark.parametrize("scale", [0.5, 0.1])
+def test_noise_scale_sharpens_the_gate_toward_the_test_time_mask(gate, scale):
+    fn = GATES[gate]
+    logits = torch.tensor([-2.0, -0.3, 0.2, 0.7, 2.0]).repeat(20000, 1)
+    noise = logistic_noise(logits.shape, generator=torch.Generator().manual_seed(0)) * scale
+    kept = (fn.sample(logits, noise, 1.0) > 0).float().mean(0)
+    p = fn.p_keep(logits[0], scale)
+    err = (kept - p).abs().max().item()
+    assert err < 0.015, f"{gate} s={scale}: empirical P(keep) {kept.tolist()} vs expected {p.tolist()} ({err:.4f})"
+    if gate == "concrete":  # far from 0 the sharpened gate is (almost) the deterministic mask logit > 0
+        ends = kept[[0, 4]].tolist()
+        assert ends[0] < 0.02 * (scale / 0.1) and ends[1] > 1 - 0.02 * (scale / 0.1), f"s={scale}: {ends}"
+
+
 def test_concrete_forward_is_hard():
     logits = torch.randn(1000)
     m = GATES["concrete"].sample(logits, logistic_noise(logits.shape, generator=torch.Generator().manual_seed(1)), 0.01)
@@ -68,6 +83,38 @@ def test_controller_reaches_target_density():
     assert {"loss", "faith", "complete", "kept", "expected"} <= set(rows[-1])
 
 
+def test_annealed_expected_density_controller_reaches_target():
+    """control=expected with the noise annealed to 0.1: the sampled masks' expected density and the
+    deterministic sheaf's kept fraction both end at the target."""
+    sheaf = discover(cfg(steps=60, target_density="weight=0.2,edge=0.2", early_stop=False, control="expected",
+                         noise_start=0.5, noise_final=0.1, init="attribution"), progress=False)
+    last = sheaf.curve[-1]
+    assert last["noise"] == pytest.approx(0.1) and sheaf.meta["config"]["tau_weight"] == 1.0
+    for t in ("weight", "edge"):
+        assert abs(last["expected"][t] - 0.2) < 0.03, f"expected density {last['expected']} vs target 0.2"
+        assert abs(last["kept"][t] - last["expected"][t]) < 0.03, f"kept {last['kept']} vs expected {last['expected']}"
+
+
+def test_attribution_init_ranks_logits_by_score():
+    from sheafprune.maskparams import MaskLogits
+
+    shapes = {"w/a": (50, 40), "w/b": (30,), "edge/0/q": (3, 4)}
+    params = MaskLogits(shapes, targets={}, init_mean=1.0, init_std=0.01, seed=0)
+    g = torch.Generator().manual_seed(1)
+    scores = {k: torch.rand(s, generator=g) * (10.0 if k == "w/b" else 1.0) for k, s in shapes.items()}
+    params.init_from_scores(scores, center=1.0, spread=2.0, seed=0)
+    logits = params.named_logits()
+    s = torch.cat([scores["w/a"].flatten(), scores["w/b"]])
+    l = torch.cat([logits["w/a"].detach().flatten(), logits["w/b"].detach()])
+    order = s.argsort()
+    worst = (l[order][:-1] - l[order][1:]).max().item()  # rank order, up to the 1e-3 tie-breaking jitter
+    assert worst < 5e-3, f"logits not increasing with the score (worst inversion {worst:.3g})"
+    assert -1.01 < l.min() and l.max() < 3.01, (l.min(), l.max())  # center +- spread
+    assert (logits["w/b"] > 2.0).float().mean() > 0.6, "a tensor with 10x the scores should get most top ranks"
+    e = logits["edge/0/q"].detach().flatten()  # ranked within its own type: spans the whole range alone
+    assert e.max() > 2.5 and e.min() < -0.5, e
+
+
 def test_same_seed_same_masks_other_seed_other_masks():
     a, b = discover(cfg(), progress=False), discover(cfg(), progress=False)
     c = discover(cfg(seed=1), progress=False)
@@ -76,8 +123,9 @@ def test_same_seed_same_masks_other_seed_other_masks():
     assert any(not torch.equal(a.logits[k], c.logits[k]) for k in a.logits), "seed had no effect"
 
 
-def test_resume_after_interrupt_equals_uninterrupted(tmp_path, monkeypatch):
-    whole = discover(cfg(), out=tmp_path / "whole", progress=False)
+@pytest.mark.parametrize("init", ["constant", "attribution"])
+def test_resume_after_interrupt_equals_uninterrupted(tmp_path, monkeypatch, init):
+    whole = discover(cfg(init=init), out=tmp_path / "whole", progress=False)
     original = Trainer.train_step
 
     def interrupt_at_7(self):
@@ -87,11 +135,11 @@ def test_resume_after_interrupt_equals_uninterrupted(tmp_path, monkeypatch):
 
     monkeypatch.setattr(Trainer, "train_step", interrupt_at_7)
     with pytest.raises(KeyboardInterrupt):
-        discover(cfg(), out=tmp_path / "cut", progress=False)
+        discover(cfg(init=init), out=tmp_path / "cut", progress=False)
     assert not (tmp_path / "cut").exists(), "an interrupted run must not leave a sheaf folder"
     assert list((tmp_path / ".cut.run").glob("ckpt-00000008.json")), "Ctrl-C must checkpoint the finished step"
     monkeypatch.setattr(Trainer, "train_step", original)
-    resumed = discover(cfg(), out=tmp_path / "cut", resume=True, progress=False)
+    resumed = discover(cfg(init=init), out=tmp_path / "cut", resume=True, progress=False)
     for k in whole.logits:
         d = (whole.logits[k] - resumed.logits[k]).abs().max().item()
         assert d == 0.0, f"resumed vs uninterrupted: {k} differs by {d:.3g}"
@@ -128,10 +176,11 @@ def test_cli_discover_writes_valid_sheaf(tmp_path):
     assert len(sheaf.curve) == sheaf.meta["training"]["steps"] and "sheaf written" in r.stdout
 
 
-def test_two_processes_equal_one_process(tmp_path):
+@pytest.mark.parametrize("init", ["constant", "attribution"])
+def test_two_processes_equal_one_process(tmp_path, init):
     """The same global batch split over two gloo CPU processes gives the one-process masks."""
     args = ["discover", "--model", "tiny-llama", "--task", "ioi", "--n-items", "80", "--steps", "6",
-            "--batch-size", "8", "--target-density", "weight=0.3,edge=0.3"]
+            "--batch-size", "8", "--target-density", "weight=0.3,edge=0.3", "--init", init]
     one = _run([str(BIN / "sheafprune"), *args, "--out", str(tmp_path / "one")])
     assert one.returncode == 0, one.stderr[-2000:]
     # accelerate's --cpu launcher starts one process unless given an MPI hostfile; --multi_gpu starts two

@@ -67,6 +67,11 @@ def reference(cfg, tmp_path_factory) -> Path:
     return out
 
 
+def _init_calls(cfg) -> int:
+    """Loss evaluations before step 0: one per batch of an attribution init."""
+    return cfg.init_batches if cfg.init == "attribution" else 0
+
+
 def _interrupt_once(monkeypatch, owner, name: str, *, at_call: int, before: bool = True) -> None:
     """Send this process SIGINT (Ctrl-C) on call number `at_call` of owner.name, before or after the real call. A
     signal, not `raise KeyboardInterrupt`: the trainer may defer Ctrl-C to the end of the step."""
@@ -112,8 +117,9 @@ def test_ctrl_c_anywhere_then_resume_gives_the_same_sheaf(point, cfg, reference,
 def test_corrupt_newest_checkpoint_falls_back_and_resume_still_matches(cfg, reference, tmp_path, monkeypatch):
     out = tmp_path / "sheaf"
     with monkeypatch.context() as m:
-        # Ctrl-C in the forward of step 4 (0-based): the step finishes and is checkpointed as step 5, next to step 4
-        _interrupt_once(m, train, "faithfulness", at_call=5)
+        # Ctrl-C in the forward of step 4 (0-based): the step finishes and is checkpointed as step 5, next to step 4.
+        # An attribution init calls the loss init_batches times before step 0.
+        _interrupt_once(m, train, "faithfulness", at_call=5 + _init_calls(cfg))
         with pytest.raises(KeyboardInterrupt):
             discover(cfg, out=out, progress=False)
     work = work_dir_for(out)
@@ -165,10 +171,10 @@ def test_nan_loss_stops_with_one_line_and_keeps_the_last_good_checkpoint(cfg, tm
     (tmp_path / "c.yaml").write_text(yaml.safe_dump({k: v for k, v in CONFIG.items()}))
     real, calls = train.task_scores, {"n": 0}
 
-    def nan_at_step_4(*args, **kwargs):  # two calls a step (sheaf, complement): calls 9-10 are step 4 (0-based)
-        calls["n"] += 1
+    def nan_at_step_4(*args, **kwargs):  # two calls a step (sheaf, complement): calls 9-10 are step 4 (0-based),
+        calls["n"] += 1                   # after one call per batch of the attribution init
         scores = real(*args, **kwargs)
-        return scores * float("nan") if calls["n"] == 9 else scores
+        return scores * float("nan") if calls["n"] == 9 + _init_calls(resolve_config(overrides=CONFIG)) else scores
 
     monkeypatch.setattr(train, "task_scores", nan_at_step_4)
     monkeypatch.chdir(tmp_path)

@@ -261,10 +261,15 @@ class Trainer:
 
     def _eval_and_track(self, row: dict[str, Any], stage: Stage, local: int) -> bool:
         """Dev metrics into `row`; remember the best sheaf that meets the targets; True = stop early."""
-        dev = self.evaluate("dev", stage.trained, full=self.full_dev)
-        row["dev"] = dev
         last_stage = stage is self.stages[-1]
         ramp_done = local >= int(self.cfg.warmup * stage.steps)
+        if ramp_done and stage.sparsity == "controller":
+            shifts = self.params.project({t: d for t, d in self.targets.items() if t in stage.trained})
+            if shifts:
+                row["projected"] = shifts
+                row["kept"] = self.params.kept(stage.trained)
+        dev = self.evaluate("dev", stage.trained, full=self.full_dev)
+        row["dev"] = dev
         if last_stage and self._targets_met(row["kept"]):
             if self.best is None or dev["sheaf_accuracy"] > self.best["dev_accuracy"]:
                 self.best = {"step": row["step"], "dev_accuracy": dev["sheaf_accuracy"],

@@ -115,6 +115,20 @@ def test_attribution_init_ranks_logits_by_score():
     assert e.max() > 2.5 and e.min() < -0.5, e
 
 
+def test_projection_holds_the_target_exactly():
+    from sheafprune.maskparams import MaskLogits
+
+    shapes = {"w/a": (40, 25), "w/b": (77,), "edge/0/q": (5, 4), "edge/out": (9,)}
+    params = MaskLogits(shapes, targets={}, init_mean=0.5, init_std=1.0, seed=0)
+    before = {k: v.detach().clone() for k, v in params.named_logits().items()}
+    shifts = params.project({"weight": 0.1, "edge": 0.9})
+    kept = params.kept(("weight", "edge"))
+    assert kept["weight"] == int(0.1 * 1077) / 1077, kept
+    assert "edge" not in shifts and all(torch.equal(before[k], params.named_logits()[k]) for k in ("edge/0/q", "edge/out"))
+    d = {k: (before[k] - params.named_logits()[k]).detach() for k in ("w/a", "w/b")}
+    assert all(torch.allclose(x, x.flatten()[0].expand_as(x)) for x in d.values()), "the shift is not uniform"
+
+
 def test_same_seed_same_masks_other_seed_other_masks():
     a, b = discover(cfg(), progress=False), discover(cfg(), progress=False)
     c = discover(cfg(seed=1), progress=False)

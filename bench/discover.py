@@ -67,10 +67,14 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--runs", help="comma-separated subset of: " + ", ".join(RUNS))
+    ap.add_argument("--minutes", type=float, help="override each run's 30-minute --max-minutes budget")
     ap.add_argument("--jobs", type=int, default=1, help="runs at a time, the cores split between them")
     ap.add_argument("--keep", type=Path, help="keep the sheaf folders here (default: a temporary folder)")
     args = ap.parse_args(argv)
     table = QUICK if args.quick else RUNS
+    if args.minutes:
+        table = {n: [str(args.minutes) if i and a[i - 1] == "--max-minutes" else x for i, x in enumerate(a)]
+                 for n, a in table.items()}
     names = args.runs.split(",") if args.runs else list(table)
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"discover{'_quick' if args.quick else ''}.json"

@@ -242,11 +242,11 @@ class Trainer:
                     p.grad = self.acc.reduce(p.grad, reduction="mean")
         self.optimizer.step()
         expected = {t: float(d.detach()) for t, d in dens.items()}
-        kept = self.params.kept(stage.trained)
         if stage.sparsity == "controller":
-            self.params.dual_step(kept if self.cfg.control == "kept" else expected, targets, self.cfg.dual_lr)
+            density = self.params.kept(stage.trained) if self.cfg.control == "kept" else expected
+            self.params.dual_step(density, targets, self.cfg.dual_lr)
             self.params.drift(stage.trained, self.cfg.lr)
-            kept = self.params.kept(stage.trained)
+        kept = self.params.kept(stage.trained)
         vals = torch.stack([loss.detach(), faith.detach(), complete.detach()])
         if self.acc.num_processes > 1:
             vals = self.acc.reduce(vals, reduction="mean")
@@ -260,7 +260,9 @@ class Trainer:
         return all(kept.get(t, 1.0) <= d * 1.02 + 1e-9 for t, d in self.targets.items())
 
     def _eval_and_track(self, row: dict[str, Any], stage: Stage, local: int) -> bool:
-        """Dev metrics into `row`; remember the best sheaf that meets the targets; True = stop early."""
+        """After the ramp, first project the sheaf onto its targets (MaskLogits.project; part of the training
+        state, checkpointed with it); then dev metrics into `row`; remember the best sheaf that meets the targets.
+        True = stop early."""
         last_stage = stage is self.stages[-1]
         ramp_done = local >= int(self.cfg.warmup * stage.steps)
         if ramp_done and stage.sparsity == "controller":

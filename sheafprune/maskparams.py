@@ -2,14 +2,17 @@
 controller. The frozen model is never part of this module, so data-parallel training all-reduces
 just the logits' gradients and every rank holds identical masks.
 
-Density controller (a Lagrangian for the inequality E_t <= rho_t, acting as a decoupled drift): for each mask
+Density controller (a Lagrangian for the inequality d_t <= rho_t, acting as a decoupled drift): for each mask
 type t with a target rho_t, a multiplier lambda_t >= 0 is raised by dual ascent after every step,
-lambda_t <- lambda_t + dual_lr * (E_t - rho_t) while E_t > rho_t and 0 otherwise. E_t is the *expected* kept
-fraction of the masks being sampled (mean P(keep) under the current noise scale), not the kept fraction of the
-deterministic sheaf (logit > 0): the latter is a step function of the logits (they start nearly equal, so it
-falls from 100% to ~20% within a few steps and bang-bangs), and controlling it leaves the masks trained on
-several times denser than the sheaf evaluated (measured on SmolLM2/IOI: 21-30% sampled vs 5% kept). With the
-noise annealed (train.py), E_t converges to the deterministic density that is reported.
+lambda_t <- lambda_t + dual_lr * (d_t - rho_t) while d_t > rho_t and 0 otherwise. d_t is, by config `control`:
+- "kept" (default): the kept fraction of the deterministic sheaf (logit > 0), the density that is reported. It
+  is a step function of the logits (they start nearly equal: it falls from 100% to ~20% within a few steps),
+  and with DiscoGP's noise the masks trained on stay several times denser than the sheaf (SmolLM2/IOI: 21-30%
+  sampled vs 5% kept);
+- "expected": the mean P(keep) of the masks being sampled under the current noise scale; with the noise
+  annealed (train.py) it converges to the kept fraction. Measured, it has not yet kept a task better.
+Near the target the integral reacts slowly (the sheaf hovered 10-20% above a 5% target), so after the ramp the
+sheaf is projected onto the target before each evaluation (`project`).
 The multiplier acts on the logits as a drift, logit <- logit - lr * lambda_t after the optimizer step (like
 AdamW's decoupled weight decay), not through the loss: Adam's per-entry normalization would otherwise scale
 the pull by the rare, huge straight-through gradients of tau = 0.01 gates, and the density stalls far above
@@ -107,18 +110,19 @@ class MaskLogits(nn.Module):
         drift, just exact. Returns the shift applied per type.
         """
         shifts = {}
+        logits = self.named_logits()
         for t, rho in targets.items():
             keys = [k for k in self.keys if mask_type(k) == t]
             if not keys:
                 continue
-            flat = torch.cat([self.named_logits()[k].detach().flatten() for k in keys])
+            flat = torch.cat([logits[k].detach().flatten() for k in keys])
             n, keep = flat.numel(), int(rho * flat.numel())
-            if int((flat > 0).sum()) <= keep:
+            if int((flat > 0).sum()) <= keep:  # also covers keep == n
                 continue
-            v = float(flat.kthvalue(n - keep).values) if keep < n else float("-inf")  # the (n-keep)-th smallest
+            v = float(flat.kthvalue(n - keep).values)  # the (n-keep)-th smallest: exactly `keep` entries lie above it
             del flat
             for k in keys:
-                self.named_logits()[k].sub_(v)
+                logits[k].sub_(v)
             shifts[t] = v
         return shifts
 
@@ -145,7 +149,7 @@ class MaskLogits(nn.Module):
 
     @torch.no_grad()
     def dual_step(self, density: Mapping[str, float], targets: Mapping[str, float], lr: float) -> None:
-        """One dual-ascent step from the expected density of the masks just trained on."""
+        """One dual-ascent step from the density the controller holds (kept or expected, see the module doc)."""
         for i, t in enumerate(self.target_types):
             if t in density and t in targets:
                 gap = density[t] - targets[t]

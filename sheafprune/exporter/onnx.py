@@ -66,7 +66,7 @@ def export_onnx(model: nn.Module, path: Path, *, input_ids: Tensor, attention_ma
     """Write `path` and return max |onnxruntime - torch| over real tokens, on the example batch and on a
     shorter, smaller one (proves the dynamic axes). Raises UserError above ONNX_TOLERANCE."""
     write_onnx(model, path, input_ids=input_ids, attention_mask=attention_mask)
-    diff = 0.0
+    diff, scale = 0.0, 0.0
     b, t = input_ids.shape
     checks = [(input_ids, attention_mask)]
     if b > 1 and t > 2:
@@ -77,7 +77,10 @@ def export_onnx(model: nn.Module, path: Path, *, input_ids: Tensor, attention_ma
         got = onnx_logits(path, input_ids=ids, attention_mask=mask)
         real = mask.bool()
         diff = max(diff, float((got - ref)[real].abs().max()))
-    if not diff <= ONNX_TOLERANCE:
-        raise UserError(f"the ONNX model differs from the torch model by {diff:.3g} (tolerance {ONNX_TOLERANCE:g}); "
+        scale = max(scale, float(ref[real].abs().max()))
+    # fp32 rounding grows with the logits' size: the make-demo SmolLM2 sheaf (logits ~30) differed by 1.7e-4.
+    tol = ONNX_TOLERANCE * max(1.0, scale / 10)
+    if not diff <= tol:
+        raise UserError(f"the ONNX model differs from the torch model by {diff:.3g} (tolerance {tol:.3g}); "
                         "nothing was written. Export --format safetensors instead and report this")
     return diff

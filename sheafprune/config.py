@@ -19,7 +19,8 @@ GRANULARITIES = ("weight", "neuron", "head", "edge")
 GATES = ("concrete", "hard_concrete")
 SCHEDULES = ("joint", "staged")
 INITS = ("attribution", "constant")
-CONTROLS = ("kept", "expected")
+CONTROLS = ("kept", "expected", "project")
+RAMPS = ("linear", "cubic")
 
 _FLOATS = ("lr", "adam_beta2", "dual_lr", "lambda_complete", "warmup", "tau_weight", "tau_edge", "init_mean", "init_std",
            "noise_start", "noise_final", "init_spread")
@@ -39,11 +40,14 @@ class DiscoverConfig:
     lr: float = 0.1  # AdamW on mask logits
     adam_beta2: float = 0.9  # shorter memory than 0.999: straight-through gradients of tau=0.01 gates are rare spikes
     # What the density controller holds at the target: "kept", the deterministic sheaf's density (logit > 0),
-    # or "expected", the mean P(keep) of the masks sampled at the current noise scale (maskparams.py).
+    # or "expected", the mean P(keep) of the masks sampled at the current noise scale (maskparams.py); "project"
+    # has no multiplier: after every step each type's logits are shifted so the sheaf keeps exactly the ramp's
+    # density (top-k by logit).
     control: str = "kept"
     dual_lr: float = 1.0  # dual-ascent step of the density controller's multipliers (a drift of lr * lambda)
     lambda_complete: float = 1.0  # weight of the completeness loss
     warmup: float = 0.6  # fraction of steps over which the density target ramps from 1 down to its value
+    ramp: str = "linear"  # shape of that ramp: "linear" or "cubic" (fast first, slow near the target)
     # Straight-through temperature of weight gates. None = the schedule's own: DiscoGP's 0.01 in "staged"; 1.0 in
     # "joint", whose annealed noise would leave a 0.01 gate a gradient only within ~0.1 of logit 0 (measured on
     # SmolLM2/IOI: the weight masks then freeze at their initial ranking and the sheaf never recovers).
@@ -89,6 +93,8 @@ class DiscoverConfig:
             raise UserError(f"unknown gate {self.gate!r}; use one of {', '.join(GATES)}")
         if self.control not in CONTROLS:
             raise UserError(f"unknown control {self.control!r}; use one of {', '.join(CONTROLS)}")
+        if self.ramp not in RAMPS:
+            raise UserError(f"unknown ramp {self.ramp!r}; use one of {', '.join(RAMPS)}")
         if self.init not in INITS:
             raise UserError(f"unknown init {self.init!r}; use one of {', '.join(INITS)}")
         if self.schedule not in SCHEDULES:

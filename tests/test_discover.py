@@ -129,6 +129,42 @@ def test_projection_holds_the_target_exactly():
     assert all(torch.allclose(x, x.flatten()[0].expand_as(x)) for x in d.values()), "the shift is not uniform"
 
 
+def test_exact_projection_raises_a_type_kept_below_its_target_and_sampling_lands_close():
+    from sheafprune.maskparams import MaskLogits
+
+    shapes = {"w/a": (300, 200), "w/b": (777,), "edge/0/q": (5, 4)}
+    params = MaskLogits(shapes, targets={}, init_mean=-2.0, init_std=1.0, seed=0)  # ~2% kept
+    shifts = params.project({"weight": 0.25, "edge": 0.5}, exact=True)
+    kept = params.kept(("weight", "edge"))
+    assert shifts["weight"] < 0 and kept == {"weight": int(0.25 * 60777) / 60777, "edge": 0.5}, (shifts, kept)
+    params.project({"weight": 0.05}, exact=True, sample=5000, seed=3)  # threshold from 5000 of 60777 entries
+    d = params.kept(("weight",))["weight"]
+    assert abs(d - 0.05) < 0.01, f"sampled projection kept {d:.4f}, target 0.05"
+
+
+def test_ramp_shapes():
+    from sheafprune.maskparams import ramp
+
+    lin = [ramp(s, start=1.0, end=0.1, steps=10) for s in range(12)]
+    cub = [ramp(s, start=1.0, end=0.1, steps=10, shape="cubic") for s in range(12)]
+    for r in (lin, cub):
+        assert r[0] == 1.0 and r[10] == r[11] == pytest.approx(0.1)
+        assert all(a > b for a, b in zip(r[:10], r[1:11])), r
+    assert lin[5] == pytest.approx(0.55) and cub[5] == pytest.approx(0.1 + 0.9 / 8)
+    assert all(c < l for c, l in zip(cub[1:10], lin[1:10])), "cubic must run below linear inside the ramp"
+
+
+def test_project_control_follows_the_ramp_at_every_step():
+    sheaf = discover(cfg(steps=20, target_density="weight=0.2,edge=0.3", early_stop=False, control="project",
+                         ramp="cubic", warmup=0.5), progress=False)
+    for row in sheaf.curve:
+        for t, target in row["target"].items():
+            # the target printed in a row is the one its step projected onto (sampled threshold: tiny models
+            # have fewer entries than the sample, so it is exact)
+            assert row["kept"][t] == pytest.approx(target, abs=0.01), (row["step"], row["kept"], row["target"])
+    assert sheaf.density() == pytest.approx({"weight": 0.2, "edge": 0.3}, abs=0.01)
+
+
 def test_same_seed_same_masks_other_seed_other_masks():
     a, b = discover(cfg(), progress=False), discover(cfg(), progress=False)
     c = discover(cfg(seed=1), progress=False)

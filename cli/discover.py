@@ -17,7 +17,7 @@ def add_discover_options(p: argparse.ArgumentParser, *, required: bool = True) -
     p.add_argument("--schedule", choices=("joint", "staged"), help="joint (default) or DiscoGP's staged weights-then-edges")
     p.add_argument("--gate", choices=("concrete", "hard_concrete"))
     p.add_argument("--init", choices=("attribution", "constant"),
-                   help="initial mask logits: ranked by attribution on the full model (default) or DiscoGP's constant")
+                   help="initial mask logits: DiscoGP's constant N(1, 0.01) (default) or ranked by attribution on the full model")
     p.add_argument("--steps", type=int)
     p.add_argument("--batch-size", dest="batch_size", type=int)
     p.add_argument("--lr", type=float)

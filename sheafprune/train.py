@@ -210,6 +210,13 @@ class Trainer:
             return 1.0
         return ramp(local, start=self.cfg.noise_start, end=self.cfg.noise_final, steps=int(self.cfg.warmup * stage.steps))
 
+    def _lr(self, stage: Stage, local: int) -> float:
+        """cfg.lr; in the joint schedule with lr_final set, linear from lr at the ramp's end to lr_final at the last step."""
+        warm = int(self.cfg.warmup * stage.steps)
+        if stage.sparsity != "controller" or self.cfg.lr_final is None or local < warm:
+            return self.cfg.lr
+        return ramp(local - warm, start=self.cfg.lr, end=self.cfg.lr_final, steps=max(stage.steps - 1 - warm, 1))
+
     # --- one step --------------------------------------------------------------------------------
     def train_step(self) -> dict[str, Any]:
         stage, local = self._stage_at(self.step)
@@ -234,6 +241,9 @@ class Trainer:
             kept = (f"the last good checkpoint is in {self.work_dir}" if any(self.work_dir.glob("ckpt-*.json"))
                     else "no checkpoint was written yet")
             raise RunFailed(f"loss became {float(loss.detach())} at step {self.step}; {kept} (try a lower --lr)")
+        lr = self._lr(stage, local)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         for group in self.optimizer.param_groups:  # data parallel: mean of the ranks' gradients
@@ -249,14 +259,14 @@ class Trainer:
         elif stage.sparsity == "controller":
             density = self.params.kept(stage.trained) if self.cfg.control == "kept" else expected
             self.params.dual_step(density, targets, self.cfg.dual_lr)
-            self.params.drift(stage.trained, self.cfg.lr)
+            self.params.drift(stage.trained, lr)
         kept = self.params.kept(stage.trained)
         vals = torch.stack([loss.detach(), faith.detach(), complete.detach()])
         if self.acc.num_processes > 1:
             vals = self.acc.reduce(vals, reduction="mean")
         return {"step": self.step + 1, "stage": stage.name, "loss": float(vals[0]), "faith": float(vals[1]),
                 "complete": float(vals[2]), "expected": expected, "kept": kept, "target": targets,
-                "noise": round(scale, 4)}
+                "noise": round(scale, 4), "lr": lr}
 
     # --- the loop --------------------------------------------------------------------------------
     def _targets_met(self, kept: dict[str, float]) -> bool:
@@ -264,12 +274,13 @@ class Trainer:
         return all(kept.get(t, 1.0) <= d * 1.02 + 1e-9 for t, d in self.targets.items())
 
     def _eval_and_track(self, row: dict[str, Any], stage: Stage, local: int) -> bool:
-        """After the ramp, first project the sheaf onto its targets (MaskLogits.project; part of the training
-        state, checkpointed with it); then dev metrics into `row`; remember the best sheaf that meets the targets.
-        True = stop early."""
+        """After the ramp, or once within the slack of its targets, first project the sheaf onto them
+        (MaskLogits.project; part of the training state, checkpointed with it); then dev metrics into `row`;
+        remember the best sheaf that meets the targets. True = stop early."""
         last_stage = stage is self.stages[-1]
         ramp_done = local >= int(self.cfg.warmup * stage.steps)
-        if ramp_done and stage.sparsity == "controller":
+        # Also project a sheaf within the 2% slack of its targets: the sheaf kept as best is never above them.
+        if (ramp_done or self._targets_met(row["kept"])) and stage.sparsity == "controller":
             shifts = self.params.project({t: d for t, d in self.targets.items() if t in stage.trained})
             if shifts:
                 row["projected"] = shifts

@@ -165,6 +165,13 @@ def test_project_control_follows_the_ramp_at_every_step():
     assert sheaf.density() == pytest.approx({"weight": 0.2, "edge": 0.3}, abs=0.01)
 
 
+def test_lr_decays_after_the_ramp_to_lr_final():
+    sheaf = discover(cfg(steps=10, warmup=0.5, lr=0.1, lr_final=0.01, early_stop=False), progress=False)
+    lrs = [row["lr"] for row in sheaf.curve]
+    assert lrs[:5] == [0.1] * 5 and lrs[-1] == pytest.approx(0.01), lrs
+    assert all(a >= b for a, b in zip(lrs, lrs[1:])), lrs
+
+
 def test_same_seed_same_masks_other_seed_other_masks():
     a, b = discover(cfg(), progress=False), discover(cfg(), progress=False)
     c = discover(cfg(seed=1), progress=False)

@@ -172,6 +172,29 @@ class MaskLogits(nn.Module):
                 # Reset once met: an integral that only decays slowly would keep pruning far past the target.
                 self.multipliers[i] = float(self.multipliers[i]) + lr * gap if gap > 0 else 0.0
 
+    # Hooks for sharded training (shard.ShardedMaskLogits overrides them; here every rank holds everything).
+    sharded: frozenset = frozenset()  # keys whose logits are row shards (their gradients are already global means)
+
+    def for_forward(self, masks: Optional[Mapping[str, Tensor]]) -> Optional[Mapping[str, Tensor]]:
+        """The masks as masked_forward reads them."""
+        return masks
+
+    def gather_full(self, tensors: Mapping[str, Tensor]) -> Mapping[str, Tensor]:
+        """Full tensors from per-key tensors shaped like the logits (a collective where sharded)."""
+        return tensors
+
+    def local(self, tensors: Mapping[str, Tensor]) -> Mapping[str, Tensor]:
+        """This rank's part of full per-key tensors."""
+        return tensors
+
+    def gather_state(self, state: dict, optimizer: torch.optim.Optimizer) -> dict:
+        """The optimizer's state dict with full tensors (a collective where sharded)."""
+        return state
+
+    def local_state(self, state: dict, optimizer: torch.optim.Optimizer) -> dict:
+        """A full optimizer state dict cut to this rank's part."""
+        return state
+
 
 def _cdf(x: Tensor, edges: Tensor) -> Tensor:
     """Empirical CDF given by its quantiles `edges` (n+1 sorted values at 0, 1/n, ..., 1), linear in between:

@@ -62,7 +62,7 @@ class MaskLogits(nn.Module):
                 if frozen_masks is not None:
                     masks[key] = comp[key] = frozen_masks[key]
                 continue
-            noise = logistic_noise(logit.shape, generator=g).to(logit.device)
+            noise = self._noise(key, logit, g)
             if noise_scale != 1.0:
                 noise.mul_(noise_scale)
             m = fn.sample(logit, noise, taus[t])
@@ -70,8 +70,14 @@ class MaskLogits(nn.Module):
             p = fn.p_keep(logit, noise_scale)
             kept[t] = kept.get(t, 0.0) + p.sum()
             count[t] = count.get(t, 0) + p.numel()
-        density = {t: kept[t] / count[t] for t in kept}
-        return masks, comp, density
+        return self.for_forward(masks), self.for_forward(comp), self._density(kept, count)
+
+    def _noise(self, key: str, logit: Tensor, g: torch.Generator) -> Tensor:
+        return logistic_noise(logit.shape, generator=g).to(logit.device)
+
+    def _density(self, kept: Mapping[str, Tensor], count: Mapping[str, int]) -> dict[str, Tensor]:
+        """Expected density per type from the summed P(keep) and the number of entries summed."""
+        return {t: kept[t] / count[t] for t in kept}
 
     @torch.no_grad()
     def init_from_scores(self, scores: Mapping[str, Tensor], *, center: float, spread: float, seed: int) -> None:

@@ -41,7 +41,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from .arch import ArchView
-from .gates import GATES, logistic_noise
+from .gates import logistic_noise
 from .maskparams import MaskLogits, _cdf
 from .sheaf import mask_type
 
@@ -237,29 +237,20 @@ class ShardedMaskLogits(MaskLogits):
         return out
 
     # --- MaskLogits' methods, on shards ---------------------------------------------------------------------
-    def forward(self, *, trained: tuple[str, ...], gate: str, taus: Mapping[str, float], noise_seed: int,
-                noise_scale: float = 1.0, frozen_masks: Optional[Mapping[str, Tensor]] = None
-                ) -> tuple[dict, dict, dict]:
-        """MaskLogits.forward on shards (the full noise drawn, this rank's rows kept), returning `for_forward`'s
-        masks; the expected density sums the shards' P(keep) over the ranks."""
-        g = torch.Generator().manual_seed(noise_seed)
-        fn = GATES[gate]
-        masks, comp, kept, count = {}, {}, {}, {}
-        for key, logit in zip(self.keys, self.logits):
-            t = mask_type(key)
-            if t not in trained:
-                if frozen_masks is not None:
-                    masks[key] = comp[key] = frozen_masks[key]
-                continue
-            noise = self._local(key, logistic_noise(self.shapes[key], generator=g)).to(logit.device)
-            if noise_scale != 1.0:
-                noise.mul_(noise_scale)
-            m = fn.sample(logit, noise, taus[t])
-            masks[key], comp[key] = m, 1.0 - m
-            kept[t] = kept.get(t, 0.0) + fn.p_keep(logit, noise_scale).sum()
-            count[t] = count.get(t, 0) + _numel(self.shapes[key])
-        density = {t: (self.shards.total(kept[t]) if t in SHARDED_TYPES else kept[t]) / count[t] for t in kept}
-        return self.for_forward(masks), self.for_forward(comp), density
+    def _noise(self, key: str, logit: Tensor, g: torch.Generator) -> Tensor:
+        """MaskLogits.forward's noise: the full tensor's, drawn in the one-process order, cut to this rank's rows."""
+        return self._local(key, logistic_noise(self.shapes[key], generator=g)).to(logit.device)
+
+    def _density(self, kept: Mapping[str, Tensor], count: Mapping[str, int]) -> dict[str, Tensor]:
+        """A sharded type's P(keep) summed over the ranks (autograd-aware), over all its entries."""
+        out = {}
+        for t in kept:
+            if t in SHARDED_TYPES:  # all keys of a trained type were summed
+                out[t] = self.shards.total(kept[t]) / sum(_numel(s) for k, s in self.shapes.items()
+                                                           if mask_type(k) == t)
+            else:
+                out[t] = kept[t] / count[t]
+        return out
 
     @torch.no_grad()
     def _kept_counts(self, types: tuple[str, ...]) -> tuple[dict[str, int], dict[str, int]]:
@@ -380,13 +371,22 @@ def mask_logits_for(cfg, view, shapes: Mapping[str, tuple[int, ...]], accelerato
                              shards=RowShards(accelerator.num_processes, accelerator.process_index))
 
 
-def footprint(params: MaskLogits, optimizer: torch.optim.Optimizer, view) -> dict[str, int]:
+def footprint(params: MaskLogits, optimizer: torch.optim.Optimizer, view) -> dict[str, Any]:
     """Elements this rank holds: all mask logits, the weight-mask logits alone, the logits' gradients, the AdamW
-    state, and the maskable model weights (what sharding divides by N)."""
+    state, and the maskable model weights (what sharding divides by N); and the process's peak memory so far (host
+    RSS; on CUDA also the peak allocated by torch)."""
+    import resource
+
     logits = params.named_logits()
     state = [v for s in optimizer.state.values() for v in s.values() if isinstance(v, Tensor) and v.dim()]
-    return {"logits": sum(p.numel() for p in logits.values()),
-            "weight_logits": sum(p.numel() for k, p in logits.items() if mask_type(k) == "weight"),
-            "grads": sum(p.grad.numel() for p in logits.values() if p.grad is not None),
-            "optimizer": sum(v.numel() for v in state),
-            "model_weights": sum(p.numel() for p in view.maskable().values())}
+    out: dict[str, Any] = {
+        "logits": sum(p.numel() for p in logits.values()),
+        "weight_logits": sum(p.numel() for k, p in logits.items() if mask_type(k) == "weight"),
+        "grads": sum(p.grad.numel() for p in logits.values() if p.grad is not None),
+        "optimizer": sum(v.numel() for v in state),
+        "model_weights": sum(p.numel() for p in view.maskable().values()),
+        "peak_host_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),  # Linux: KiB
+    }
+    if torch.cuda.is_available():
+        out["peak_cuda_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    return out

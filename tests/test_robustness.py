@@ -301,6 +301,8 @@ def test_config_file_problems(capsys, work):
     refused(capsys, [*base, work / "neg.yaml"], match=r"--checkpoint-every must be a positive integer", root=work)
     (work / "type.yaml").write_text("steps: lots\n")
     refused(capsys, [*base, work / "type.yaml"], match=r"steps", root=work)
+    (work / "shard.yaml").write_text("shard_masks: maybe\n")
+    refused(capsys, [*base, work / "shard.yaml"], match=r"shard_masks must be true or false, got 'maybe'", root=work)
 
 
 def test_bad_export_format_and_eval_options(capsys, work, sheaf_dir):

@@ -25,6 +25,10 @@ def add_discover_options(p: argparse.ArgumentParser, *, required: bool = True) -
     p.add_argument("--seed", type=int)
     p.add_argument("--max-minutes", dest="max_minutes", type=float, help="wall-clock budget for discovery")
     p.add_argument("--n-items", dest="n_items", type=int, help="number of generated items (ioi)")
+    p.add_argument("--shard-masks", dest="shard_masks", action="store_true", default=None,
+                   help="under several processes (accelerate launch), shard the weight-mask logits, their optimizer "
+                        "state and the weights they gate by rows over the processes: each holds ~1/N; same result "
+                        "(see README, 'Several processes or GPUs')")
     p.add_argument("--config", type=Path, help="YAML file of options (CLI flags override it)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from its checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
@@ -32,7 +36,7 @@ def add_discover_options(p: argparse.ArgumentParser, *, required: bool = True) -
 
 def config_from_args(args: argparse.Namespace) -> DiscoverConfig:
     keys = ("model", "task", "granularity", "target_density", "schedule", "gate", "init", "steps", "batch_size", "lr", "eval_every",
-            "seed", "n_items", "max_minutes")
+            "seed", "n_items", "max_minutes", "shard_masks")
     return resolve_config(yaml_path=args.config, overrides={k: getattr(args, k, None) for k in keys})
 
 

@@ -75,6 +75,9 @@ class DiscoverConfig:
     checkpoint_every: int = 50
     early_stop: bool = True  # stop once every target is met and dev accuracy holds
     max_minutes: Optional[float] = None  # wall-clock budget; the run evaluates and stops when it is spent
+    # Under several processes: each rank holds only its rows of the weight-mask logits, their gradients and AdamW
+    # state, and of the maskable weights (shard.py); the result equals the unsharded run's. One process: one shard.
+    shard_masks: bool = False
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -92,6 +95,8 @@ class DiscoverConfig:
                 raise UserError(f"--target-density names {t!r}, which is not in --granularity {','.join(self.granularity)}")
             if isinstance(d, bool) or not isinstance(d, (int, float)) or not (0.0 < d <= 1.0):
                 raise UserError(f"target density {t}={d} is outside (0, 1]; give the kept fraction, e.g. {t}=0.05")
+        if not isinstance(self.shard_masks, bool):
+            raise UserError(f"shard_masks must be true or false, got {self.shard_masks!r}")
         if self.gate not in GATES:
             raise UserError(f"unknown gate {self.gate!r}; use one of {', '.join(GATES)}")
         if self.control not in CONTROLS:

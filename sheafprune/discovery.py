@@ -15,8 +15,8 @@ from .config import DiscoverConfig
 from .errors import UserError
 from .io import check_out_dir
 from .masked import mask_shapes, masked_forward
-from .maskparams import MaskLogits
 from .models import fingerprint, load_model
+from .shard import footprint, mask_logits_for
 from .sheaf import Sheaf, save_sheaf, versions
 from .tasks import filter_correct, load_task
 from .train import Trainer, write_jsonl
@@ -34,6 +34,7 @@ def discover(cfg: DiscoverConfig, *, out: Optional[Path] = None, resume: bool = 
              progress: bool = True, accelerator=None) -> Sheaf:
     """Learn a sheaf for `cfg.task` on `cfg.model`; write it to `out` (atomically) if given."""
     from accelerate import Accelerator
+    from accelerate.utils import gather_object
 
     # cpu=True on a machine without CUDA makes a torchrun-style launch (WORLD_SIZE > 1) a gloo process group.
     acc = accelerator or Accelerator(cpu=not torch.cuda.is_available())
@@ -50,19 +51,23 @@ def discover(cfg: DiscoverConfig, *, out: Optional[Path] = None, resume: bool = 
     acc.wait_for_everyone()
 
     model, tokenizer = load_model(cfg.model)
-    model.to(acc.device)
+    model_fingerprint = fingerprint(model)  # before shard_masks replaces the maskable weights by row shards
     view = view_of(model)
+    # Built before the model moves to its device: under shard_masks it keeps only this rank's rows of the weights.
+    params = mask_logits_for(cfg, view, mask_shapes(view, cfg.granularity), acc)
+    model.to(acc.device)
+    params.to(acc.device)
     task = load_task(cfg.task, tokenizer, seed=cfg.seed, n=cfg.n_items)
     if cfg.filter_correct:
+        full = params.for_forward(None)  # the full weights (gathered once where sharded)
         task = filter_correct(task, lambda b: masked_forward(
             view, b.input_ids.to(acc.device), attention_mask=b.attention_mask.to(acc.device),
-            position_ids=b.position_ids.to(acc.device)), tokenizer)
+            position_ids=b.position_ids.to(acc.device), masks=full), tokenizer)
+        del full
     for split in ("train", "dev", "test"):
         if not task.items(split):
             raise UserError(f"task {cfg.task!r} has no {split} items; give it more items (--n-items or a bigger file)")
 
-    params = MaskLogits(mask_shapes(view, cfg.granularity), targets=cfg.target_density, init_mean=cfg.init_mean,
-                        init_std=cfg.init_std, seed=cfg.seed).to(acc.device)
     trainer = Trainer(cfg=cfg, view=view, tokenizer=tokenizer, task=task, params=params, accelerator=acc,
                       work_dir=work_dir, progress=progress)
     if resume:
@@ -86,18 +91,21 @@ def discover(cfg: DiscoverConfig, *, out: Optional[Path] = None, resume: bool = 
 
     final = trainer.final_logits()  # copied once: SmolLM2's weight logits alone are ~0.4 GB
     with torch.no_grad():
+        mine = params.local(final)
         for key, p in params.named_logits().items():
-            p.copy_(final[key])
+            p.copy_(mine[key])
     metrics = trainer.evaluate("test", tuple(cfg.granularity))
     sheaf = Sheaf(logits=final, curve=trainer.curve, meta={
         "format": "sheafprune.sheaf/1",
-        "model": {"name": cfg.model, "fingerprint": fingerprint(model), "family": view.spec.family},
+        "model": {"name": cfg.model, "fingerprint": model_fingerprint, "family": view.spec.family},
         "task": task.name,
         "granularity": list(cfg.granularity),
         "density": {},
         "metrics": metrics,
         "training": {"steps": trainer.step, "seconds": round(trainer.elapsed, 1), "processes": acc.num_processes,
                      "best_step": None if trainer.best is None else trainer.best["step"],
+                     # elements each rank holds at the end (list index = rank); shard_masks divides them by N
+                     "per_rank": gather_object([footprint(params, trainer.optimizer, view)]),
                      "task_notes": task.notes},
         "config": cfg.to_dict(),
         "versions": versions(),

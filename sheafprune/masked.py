@@ -6,6 +6,8 @@ Masks are a flat mapping `key -> tensor` (absent key = all ones):
     neuron/{l}          (d_mlp,)  scales MLP hidden unit i    (neuron granularity)
     head/{l}            (n_heads,) scales head h's whole output, its output-bias share included, i.e. the node
     edge/...            see graph.py                          (edge granularity)
+    masked/<hf name>    the already masked weight itself, read instead of the parameter and its w/ mask
+                        (sharded training gathers it from the ranks' row shards, see shard.py)
 
 With edge masks, each reader reads its own masked sum of earlier writers. The writers' outputs are kept as a
 row stack: memory for the stack is n_writers * B * T * D floats (SmolLM2, 301 writers, B=64, T=12: 0.5 GB fp32), kept once in one
@@ -168,6 +170,9 @@ def masked_forward(
         position_ids = default_position_ids(attention_mask)
 
     def w(name: str) -> Tensor:
+        pre = masks.get("masked/" + name)
+        if pre is not None:
+            return pre
         p = view.model.get_parameter(name)
         m = masks.get("w/" + name)
         return p if m is None else p * m

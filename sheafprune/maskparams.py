@@ -62,7 +62,7 @@ class MaskLogits(nn.Module):
                 if frozen_masks is not None:
                     masks[key] = comp[key] = frozen_masks[key]
                 continue
-            noise = logistic_noise(logit.shape, generator=g).to(logit.device)
+            noise = self._noise(key, logit, g)
             if noise_scale != 1.0:
                 noise.mul_(noise_scale)
             m = fn.sample(logit, noise, taus[t])
@@ -70,8 +70,14 @@ class MaskLogits(nn.Module):
             p = fn.p_keep(logit, noise_scale)
             kept[t] = kept.get(t, 0.0) + p.sum()
             count[t] = count.get(t, 0) + p.numel()
-        density = {t: kept[t] / count[t] for t in kept}
-        return masks, comp, density
+        return self.for_forward(masks), self.for_forward(comp), self._density(kept, count)
+
+    def _noise(self, key: str, logit: Tensor, g: torch.Generator) -> Tensor:
+        return logistic_noise(logit.shape, generator=g).to(logit.device)
+
+    def _density(self, kept: Mapping[str, Tensor], count: Mapping[str, int]) -> dict[str, Tensor]:
+        """Expected density per type from the summed P(keep) and the number of entries summed."""
+        return {t: kept[t] / count[t] for t in kept}
 
     @torch.no_grad()
     def init_from_scores(self, scores: Mapping[str, Tensor], *, center: float, spread: float, seed: int) -> None:
@@ -171,6 +177,29 @@ class MaskLogits(nn.Module):
                 gap = density[t] - targets[t]
                 # Reset once met: an integral that only decays slowly would keep pruning far past the target.
                 self.multipliers[i] = float(self.multipliers[i]) + lr * gap if gap > 0 else 0.0
+
+    # Hooks for sharded training (shard.ShardedMaskLogits overrides them; here every rank holds everything).
+    sharded: frozenset = frozenset()  # keys whose logits are row shards (their gradients are already global means)
+
+    def for_forward(self, masks: Optional[Mapping[str, Tensor]]) -> Optional[Mapping[str, Tensor]]:
+        """The masks as masked_forward reads them."""
+        return masks
+
+    def gather_full(self, tensors: Mapping[str, Tensor]) -> Mapping[str, Tensor]:
+        """Full tensors from per-key tensors shaped like the logits (a collective where sharded)."""
+        return tensors
+
+    def local(self, tensors: Mapping[str, Tensor]) -> Mapping[str, Tensor]:
+        """This rank's part of full per-key tensors."""
+        return tensors
+
+    def gather_state(self, state: dict, optimizer: torch.optim.Optimizer) -> dict:
+        """The optimizer's state dict with full tensors (a collective where sharded)."""
+        return state
+
+    def local_state(self, state: dict, optimizer: torch.optim.Optimizer) -> dict:
+        """A full optimizer state dict cut to this rank's part."""
+        return state
 
 
 def _cdf(x: Tensor, edges: Tensor) -> Tensor:

@@ -128,11 +128,11 @@ class Trainer:
         ones = {k: torch.ones(shape, device=self.device, requires_grad=True) for k, shape in shapes.items()}
         for b in tqdm(range(self.cfg.init_batches), desc="attribution", disable=not self.progress, leave=False):
             batch = self._local_batch(b)
-            faithfulness(task_scores(self.view, batch, ones), batch.target).backward()
+            faithfulness(task_scores(self.view, batch, self.params.for_forward(ones)), batch.target).backward()
         scores = {}
         for k, m in ones.items():
             g = m.grad if m.grad is not None else torch.zeros_like(m)
-            if self.acc.num_processes > 1:
+            if self.acc.num_processes > 1 and k not in self.params.sharded:
                 g = self.acc.reduce(g, reduction="mean")
             if not torch.isfinite(g).all():
                 raise RunFailed(f"the attribution init got a non-finite gradient for {k}; the model's outputs on "
@@ -177,6 +177,7 @@ class Trainer:
         """Scores of `split`, each rank scoring a shard, gathered on every rank."""
         from accelerate.utils import gather_object
 
+        masks = self.params.for_forward(masks)  # every rank, even one without items: it may take part in gathers
         items = self.task.items(split)
         shard = Task(self.task.name, self.task.kind, {split: items[self.acc.process_index::self.acc.num_processes]})
         s, t = split_scores(self.view, self.tok, shard, masks, split=split, batch_size=self.cfg.batch_size,
@@ -246,10 +247,9 @@ class Trainer:
             group["lr"] = lr
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        for group in self.optimizer.param_groups:  # data parallel: mean of the ranks' gradients
-            for p in group["params"]:
-                if p.grad is not None and self.acc.num_processes > 1:
-                    p.grad = self.acc.reduce(p.grad, reduction="mean")
+        for key, p in self.params.named_logits().items():  # data parallel: mean of the ranks' gradients
+            if p.grad is not None and self.acc.num_processes > 1 and key not in self.params.sharded:
+                p.grad = self.acc.reduce(p.grad, reduction="mean")
         self.optimizer.step()
         expected = {t: float(d.detach()) for t, d in dens.items()}
         if stage.sparsity == "controller" and self.cfg.control == "project":
@@ -306,14 +306,16 @@ class Trainer:
         return could_keep or self.step % (4 * self.cfg.eval_every) == 0
 
     def _checkpoint(self) -> None:
-        if not self.acc.is_main_process:
-            return
-        tensors = {f"logits/{k}": v for k, v in self.params.named_logits().items()}
+        # Sharded logits are gathered (every rank takes part), so a checkpoint always holds the full state.
+        tensors = {f"logits/{k}": v for k, v in self.params.gather_full(self.params.named_logits()).items()}
         tensors["multipliers"] = self.params.multipliers
         if self.best is not None:
-            tensors.update({f"best/{k}": v for k, v in self.best["logits"].items()})
+            tensors.update({f"best/{k}": v for k, v in self.params.gather_full(self.best["logits"]).items()})
+        opt_state = self.params.gather_state(self.optimizer.state_dict(), self.optimizer)
+        if not self.acc.is_main_process:
+            return
         best = None if self.best is None else {k: v for k, v in self.best.items() if k != "logits"}
-        save_checkpoint(self.work_dir, step=self.step, tensors=tensors, optimizer_state=self.optimizer.state_dict(),
+        save_checkpoint(self.work_dir, step=self.step, tensors=tensors, optimizer_state=opt_state,
                         info={"config": self.cfg.to_dict(), "curve": self.curve, "best": best,
                               "elapsed": self.elapsed})
 
@@ -325,20 +327,24 @@ class Trainer:
         tensors, opt_state, info = found
         saved = dict(info["config"])
         now = self.cfg.to_dict()
-        differ = sorted(k for k in now if k not in ("steps", "early_stop", "max_minutes") and saved.get(k) != now[k])
+        # shard_masks may differ: a checkpoint holds the full state either way.
+        differ = sorted(k for k in now if k not in ("steps", "early_stop", "max_minutes", "shard_masks")
+                        and saved.get(k, False if k == "shard_masks" else None) != now[k])
         if differ:
             raise UserError(f"--resume: the checkpoint in {self.work_dir} was made with different options "
                             f"({', '.join(differ)}); use the same options or drop --resume")
         with torch.no_grad():
+            mine = self.params.local({k: tensors[f"logits/{k}"] for k in self.params.keys})
             for k, p in self.params.named_logits().items():
-                p.copy_(tensors[f"logits/{k}"])
+                p.copy_(mine[k])
             self.params.multipliers.copy_(tensors["multipliers"])
         self.step, self.curve, self.elapsed = int(info["step"]), list(info["curve"]), float(info["elapsed"])
         if info.get("best") is not None:
-            self.best = {**info["best"], "logits": {k[5:]: v for k, v in tensors.items() if k.startswith("best/")}}
+            best = self.params.local({k[5:]: v for k, v in tensors.items() if k.startswith("best/")})
+            self.best = {**info["best"], "logits": dict(best)}
         stage, _ = self._stage_at(self.step)
         self.optimizer = self._make_optimizer(stage)
-        self.optimizer.load_state_dict(opt_state)
+        self.optimizer.load_state_dict(self.params.local_state(opt_state, self.optimizer))
         return True
 
     def run(self, *, log: Optional[Callable[[dict], None]] = None) -> None:
@@ -356,7 +362,7 @@ class Trainer:
             try:
                 while self.step < self.total_steps:
                     stop = self._one_step(bar, log)
-                    if interrupted():
+                    if self._anyone(interrupted()):  # ranks stop at the same step: the checkpoint is collective
                         self._checkpoint()
                         raise KeyboardInterrupt
                     if stop:
@@ -372,8 +378,8 @@ class Trainer:
         t0 = time.perf_counter()
         row = self.train_step()
         self.step += 1
-        out_of_time = (self.cfg.max_minutes is not None
-                       and self.elapsed + time.perf_counter() - t0 > 60 * self.cfg.max_minutes)
+        out_of_time = self.cfg.max_minutes is not None and self._anyone(
+            self.elapsed + time.perf_counter() - t0 > 60 * self.cfg.max_minutes)
         stop = out_of_time
         if self._evaluate_now(row, stage, local + 1) or self.step == self.total_steps or out_of_time:
             stop = self._eval_and_track(row, stage, local + 1) or out_of_time
@@ -389,9 +395,16 @@ class Trainer:
         return stop
 
     def final_logits(self) -> dict[str, Tensor]:
-        """The best dev sheaf that met the targets, else the last one."""
+        """The best dev sheaf that met the targets, else the last one (full tensors, on every rank)."""
         src = self.best["logits"] if self.best is not None else self.params.named_logits()
-        return {k: v.detach().clone().cpu() for k, v in src.items()}
+        return {k: v.detach().clone().cpu() for k, v in self.params.gather_full(src).items()}
+
+    def _anyone(self, flag: bool) -> bool:
+        """True on every rank if `flag` is true on any: a decision to stop (Ctrl-C, the time budget) is taken by
+        all ranks at the same step, since evaluation and checkpoints are collectives."""
+        if self.acc.num_processes == 1:
+            return bool(flag)
+        return bool(self.acc.reduce(torch.tensor([float(flag)], device=self.device), reduction="sum") > 0)
 
 
 @contextlib.contextmanager

@@ -199,26 +199,32 @@ def _start(folder: Path, *extra: str) -> subprocess.Popen:
                             cwd=folder, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def _wait_for(path_glob, folder: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
+def _signal_when(procs: dict[str, subprocess.Popen], markers: dict[str, tuple[Path, int]], timeout: float = 120) -> None:
+    """Send each process its signal as soon as its marker file appears, watching all of them at once."""
     deadline = time.monotonic() + timeout
-    while not list(folder.glob(path_glob)):
-        assert proc.poll() is None, f"finished before {path_glob} appeared: {proc.communicate()}"
-        assert time.monotonic() < deadline, f"no {path_glob} after {timeout} s"
-        time.sleep(0.02)
+    pending = dict(markers)
+    while pending:
+        for name, (marker, sig) in list(pending.items()):
+            if marker.exists():
+                procs[name].send_signal(sig)
+                del pending[name]
+            else:
+                assert procs[name].poll() is None, f"finished before {marker} appeared: {procs[name].communicate()}"
+        assert time.monotonic() < deadline, f"no {sorted(pending)} markers after {timeout} s"
+        time.sleep(0.01)
 
 
 def test_killed_discovery_resumes_to_the_same_sheaf(reference, tmp_path, monkeypatch):
-    """SIGKILL right after the step-2 checkpoint and SIGINT right after the step-4 one, both mid-step; both runs go
-    side by side (two processes) to save wall time."""
+    """SIGKILL and SIGINT right after the step-2 checkpoint, mid-step; both runs go side by side (two processes) to
+    save wall time, watched together: waiting for one run while the other went on (and for the step-4 checkpoint of
+    this 5-step run) sometimes let a loaded machine finish the other run before its signal."""
     runs = {"kill": (tmp_path / "kill", signal.SIGKILL, ".sheaf.run/ckpt-00000002.json"),
-            "int": (tmp_path / "int", signal.SIGINT, ".sheaf.run/ckpt-00000004.json")}
+            "int": (tmp_path / "int", signal.SIGINT, ".sheaf.run/ckpt-00000002.json")}
     procs = {}
     for name, (folder, _, _) in runs.items():
         folder.mkdir()
         procs[name] = _start(folder)
-    for name, (folder, sig, marker) in runs.items():
-        _wait_for(marker, folder, procs[name])
-        procs[name].send_signal(sig)
+    _signal_when(procs, {name: (folder / marker, sig) for name, (folder, sig, marker) in runs.items()})
     for name, (folder, sig, _) in runs.items():
         _, err = procs[name].communicate(timeout=120)
         if sig == signal.SIGINT:

@@ -306,6 +306,8 @@ def test_config_file_problems(capsys, work):
                         ("control: pid\n", r"unknown control 'pid'; use one of kept, expected, project")]:
         (work / "opt.yaml").write_text(text)
         refused(capsys, [*base, work / "opt.yaml"], match=match, root=work)
+    (work / "shard.yaml").write_text("shard_masks: maybe\n")
+    refused(capsys, [*base, work / "shard.yaml"], match=r"shard_masks must be true or false, got 'maybe'", root=work)
 
 
 def test_bad_export_format_and_eval_options(capsys, work, sheaf_dir):

@@ -21,6 +21,7 @@ SCHEDULES = ("joint", "staged")
 INITS = ("attribution", "constant")
 CONTROLS = ("kept", "expected", "project")
 RAMPS = ("linear", "cubic")
+OPTIMIZERS = ("adamw", "nsgd")
 
 _FLOATS = ("lr", "adam_beta2", "dual_lr", "lambda_complete", "warmup", "tau_weight", "tau_edge", "init_mean", "init_std",
            "noise_start", "noise_final", "init_spread")
@@ -41,6 +42,10 @@ class DiscoverConfig:
     # Joint schedule: after the density ramp, the lr decays linearly to lr_final by the last step (None = constant),
     # so the sheaf stops churning at the target: at lr 0.1 a step moves ~0.1 of the logits packed near 0 across it.
     lr_final: Optional[float] = None
+    # "adamw" (DiscoGP's); "nsgd": SGD with EMA momentum on gradients divided by their RMS over the whole mask
+    # type, so a logit moves in proportion to its gradient (AdamW normalizes each entry by its own history: one
+    # spike of any size moves a logit by ~6 lr).
+    optimizer: str = "adamw"
     adam_beta2: float = 0.9  # shorter memory than 0.999: straight-through gradients of tau=0.01 gates are rare spikes
     # What the density controller holds at the target: "kept", the deterministic sheaf's density (logit > 0),
     # or "expected", the mean P(keep) of the masks sampled at the current noise scale (maskparams.py); "project"
@@ -101,6 +106,8 @@ class DiscoverConfig:
             raise UserError(f"unknown gate {self.gate!r}; use one of {', '.join(GATES)}")
         if self.control not in CONTROLS:
             raise UserError(f"unknown control {self.control!r}; use one of {', '.join(CONTROLS)}")
+        if self.optimizer not in OPTIMIZERS:
+            raise UserError(f"unknown optimizer {self.optimizer!r}; use one of {', '.join(OPTIMIZERS)}")
         if self.ramp not in RAMPS:
             raise UserError(f"unknown ramp {self.ramp!r}; use one of {', '.join(RAMPS)}")
         if self.init not in INITS:

@@ -81,6 +81,7 @@ def metrics_from_scores(full: Tensor, sheaf: Tensor, complement: Tensor, target:
         "split": split, "n": int(target.numel()),
         "full_accuracy": full_acc, "sheaf_accuracy": sheaf_acc,
         "complement_accuracy": accuracy(complement, target),
+        "chance": 1.0 / full.shape[-1] if full.numel() else float("nan"),
         "kl": float(kl_div(sheaf, full)),
         "accuracy_kept": sheaf_acc / full_acc if full_acc > 0 else float("nan"),
     }

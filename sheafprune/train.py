@@ -65,6 +65,31 @@ def paper_lambda(stage: Stage, step: int) -> float:
     return 0.01
 
 
+@torch.no_grad()
+def normalize_grads(logits: dict[str, Tensor], *, sharded=frozenset(), reduce_sum: Optional[Callable] = None) -> None:
+    """nsgd: divide every gradient by the RMS of its mask type's gradients over all entries of that type.
+
+    Keys in `sharded` hold this rank's rows only: their sum of squares and count are summed over the ranks with
+    `reduce_sum`, so every rank divides by the RMS of the full type, as one process would.
+    """
+    local: dict[str, Tensor] = {}  # type -> [sum of squares, count], the sharded part separately
+    for key, p in logits.items():
+        if p.grad is not None:
+            part = (mask_type(key), key in sharded)
+            acc = local.setdefault(part, torch.zeros(2, dtype=torch.float64, device=p.grad.device))
+            acc += torch.stack([p.grad.double().square().sum(), torch.tensor(float(p.grad.numel()), dtype=torch.float64,
+                                                                            device=p.grad.device)])
+    total: dict[str, Tensor] = {}
+    for (t, is_sharded), acc in local.items():
+        if is_sharded and reduce_sum is not None:
+            acc = reduce_sum(acc)
+        total[t] = total.get(t, 0) + acc
+    for key, p in logits.items():
+        if p.grad is not None:
+            sq, n = total[mask_type(key)].tolist()
+            p.grad.div_(max((sq / max(n, 1.0)) ** 0.5, 1e-30))
+
+
 def batch_indices(step: int, *, n: int, size: int, seed: int) -> list[int]:
     """Item indices of global step `step`: consecutive slices of per-epoch seeded permutations."""
     out: list[int] = []
@@ -146,7 +171,10 @@ class Trainer:
         for key, p in self.params.named_logits().items():
             p.requires_grad_(mask_type(key) in stage.trained)
         logits = [p for p in self.params.logits if p.requires_grad]
+        if self.cfg.optimizer == "nsgd":  # gradients are normalized per type in train_step (normalize_grads)
+            return torch.optim.SGD(logits, lr=self.cfg.lr, momentum=0.9, dampening=0.9)
         return torch.optim.AdamW(logits, lr=self.cfg.lr, betas=(0.9, self.cfg.adam_beta2), weight_decay=0.0)
+
 
     def _stage_at(self, step: int) -> tuple[Stage, int]:
         for stage in self.stages:
@@ -250,6 +278,9 @@ class Trainer:
         for key, p in self.params.named_logits().items():  # data parallel: mean of the ranks' gradients
             if p.grad is not None and self.acc.num_processes > 1 and key not in self.params.sharded:
                 p.grad = self.acc.reduce(p.grad, reduction="mean")
+        if self.cfg.optimizer == "nsgd":
+            reduce = (lambda x: self.acc.reduce(x, reduction="sum")) if self.acc.num_processes > 1 else None
+            normalize_grads(self.params.named_logits(), sharded=self.params.sharded, reduce_sum=reduce)
         self.optimizer.step()
         expected = {t: float(d.detach()) for t, d in dens.items()}
         if stage.sparsity == "controller" and self.cfg.control == "project":
@@ -288,11 +319,14 @@ class Trainer:
         dev = self.evaluate("dev", stage.trained, full=self.full_dev)
         row["dev"] = dev
         if last_stage and self._targets_met(row["kept"]):
-            if self.best is None or dev["sheaf_accuracy"] > self.best["dev_accuracy"]:
-                self.best = {"step": row["step"], "dev_accuracy": dev["sheaf_accuracy"],
+            # Best = highest dev accuracy; among equals, the complement closest to chance (the completeness goal).
+            rank = [dev["sheaf_accuracy"], -abs(dev["complement_accuracy"] - dev["chance"])]
+            if self.best is None or rank > self.best.get("rank", [self.best["dev_accuracy"], float("-inf")]):
+                self.best = {"step": row["step"], "dev_accuracy": dev["sheaf_accuracy"], "rank": rank,
                              "logits": {k: v.detach().clone() for k, v in self.params.named_logits().items()}}
             holds = dev["sheaf_accuracy"] >= 0.95 * dev["full_accuracy"]
-            return self.cfg.early_stop and ramp_done and holds
+            complete = dev["complement_accuracy"] <= dev["chance"] + 0.1  # the complement near chance (<= 0.6 two-way)
+            return self.cfg.early_stop and ramp_done and holds and complete
         return False
 
     def _evaluate_now(self, row: dict[str, Any], stage: Stage, local: int) -> bool:

@@ -165,6 +165,23 @@ def test_project_control_follows_the_ramp_at_every_step():
     assert sheaf.density() == pytest.approx({"weight": 0.2, "edge": 0.3}, abs=0.01)
 
 
+def test_nsgd_normalizes_gradients_by_the_rms_of_their_mask_type():
+    from sheafprune.train import normalize_grads
+
+    g = torch.Generator().manual_seed(0)
+    logits = {k: torch.zeros(s, requires_grad=True) for k, s in {"w/a": (30, 20), "w/b": (50,), "edge/0/q": (4, 3)}.items()}
+    scale = {"w/a": 1.0, "w/b": 100.0, "edge/0/q": 1e-4}
+    for k, p in logits.items():
+        p.grad = torch.randn(p.shape, generator=g) * scale[k]
+    before = {k: p.grad.clone() for k, p in logits.items()}
+    normalize_grads(logits)
+    w = torch.cat([logits["w/a"].grad.flatten(), logits["w/b"].grad])
+    assert w.square().mean().sqrt().item() == pytest.approx(1.0, rel=1e-6)
+    assert logits["edge/0/q"].grad.square().mean().sqrt().item() == pytest.approx(1.0, rel=1e-6)
+    ratio = (logits["w/b"].grad / before["w/b"]).unique()  # one factor per type: magnitudes keep their ratios
+    assert torch.allclose(ratio, ratio[0]) and torch.allclose(logits["w/a"].grad / before["w/a"], ratio[0].expand(30, 20))
+
+
 def test_lr_decays_after_the_ramp_to_lr_final():
     sheaf = discover(cfg(steps=10, warmup=0.5, lr=0.1, lr_final=0.01, early_stop=False), progress=False)
     lrs = [row["lr"] for row in sheaf.curve]

@@ -21,7 +21,7 @@ SCHEDULES = ("joint", "staged")
 INITS = ("attribution", "constant")
 CONTROLS = ("kept", "expected", "project")
 RAMPS = ("linear", "cubic")
-OPTIMIZERS = ("adamw", "nsgd")
+OPTIMIZERS = ("adamw", "nsgd", "mixed")
 
 _FLOATS = ("lr", "adam_beta2", "dual_lr", "lambda_complete", "warmup", "tau_weight", "tau_edge", "init_mean", "init_std",
            "noise_start", "noise_final", "init_spread")
@@ -44,7 +44,8 @@ class DiscoverConfig:
     lr_final: Optional[float] = None
     # "adamw" (DiscoGP's); "nsgd": SGD with EMA momentum on gradients divided by their RMS over the whole mask
     # type, so a logit moves in proportion to its gradient (AdamW normalizes each entry by its own history: one
-    # spike of any size moves a logit by ~6 lr).
+    # spike of any size moves a logit by ~6 lr); "mixed": nsgd for the weight masks, AdamW for the others (few,
+    # coarse units whose gradients a handful of massive-activation writers dominate).
     optimizer: str = "adamw"
     adam_beta2: float = 0.9  # shorter memory than 0.999: straight-through gradients of tau=0.01 gates are rare spikes
     # What the density controller holds at the target: "kept", the deterministic sheaf's density (logit > 0),

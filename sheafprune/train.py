@@ -90,6 +90,53 @@ def normalize_grads(logits: dict[str, Tensor], *, sharded=frozenset(), reduce_su
             p.grad.div_(max((sq / max(n, 1.0)) ** 0.5, 1e-30))
 
 
+class Chained:
+    """Several torch optimizers (each over its own parameters) behaving as one: param_groups, state and state_dict
+    number the parameters in order across them, as a single optimizer over all of them would."""
+
+    def __init__(self, optimizers: list[torch.optim.Optimizer]):
+        self.optimizers = optimizers
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return [g for o in self.optimizers for g in o.param_groups]
+
+    @property
+    def state(self) -> dict:
+        return {p: s for o in self.optimizers for p, s in o.state.items()}
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for o in self.optimizers:
+            o.zero_grad(set_to_none=set_to_none)
+
+    def step(self) -> None:
+        for o in self.optimizers:
+            o.step()
+
+    def _sizes(self) -> list[int]:
+        return [sum(len(g["params"]) for g in o.param_groups) for o in self.optimizers]
+
+    def state_dict(self) -> dict:
+        out: dict = {"state": {}, "param_groups": []}
+        offset = 0
+        for o, n in zip(self.optimizers, self._sizes()):
+            sd = o.state_dict()
+            out["state"].update({offset + int(i): s for i, s in sd["state"].items()})
+            out["param_groups"] += [{**g, "params": [offset + i for i in g["params"]]} for g in sd["param_groups"]]
+            offset += n
+        return out
+
+    def load_state_dict(self, state: dict) -> None:
+        offset, groups = 0, list(state["param_groups"])
+        for o, n in zip(self.optimizers, self._sizes()):
+            mine = groups[:len(o.param_groups)]
+            groups = groups[len(o.param_groups):]
+            o.load_state_dict({"state": {int(i) - offset: s for i, s in state["state"].items()
+                                         if offset <= int(i) < offset + n},
+                               "param_groups": [{**g, "params": [i - offset for i in g["params"]]} for g in mine]})
+            offset += n
+
+
 def batch_indices(step: int, *, n: int, size: int, seed: int) -> list[int]:
     """Item indices of global step `step`: consecutive slices of per-epoch seeded permutations."""
     out: list[int] = []
@@ -167,13 +214,18 @@ class Trainer:
         self.params.init_from_scores(scores, center=self.cfg.init_mean, spread=self.cfg.init_spread, seed=self.cfg.seed)
 
     # --- pieces ----------------------------------------------------------------------------------
-    def _make_optimizer(self, stage: Stage) -> torch.optim.Optimizer:
+    def _make_optimizer(self, stage: Stage):
         for key, p in self.params.named_logits().items():
             p.requires_grad_(mask_type(key) in stage.trained)
-        logits = [p for p in self.params.logits if p.requires_grad]
-        if self.cfg.optimizer == "nsgd":  # gradients are normalized per type in train_step (normalize_grads)
-            return torch.optim.SGD(logits, lr=self.cfg.lr, momentum=0.9, dampening=0.9)
-        return torch.optim.AdamW(logits, lr=self.cfg.lr, betas=(0.9, self.cfg.adam_beta2), weight_decay=0.0)
+        trained = {k: p for k, p in self.params.named_logits().items() if p.requires_grad}
+        nsgd = [p for k, p in trained.items() if self._nsgd(k)]  # gradients normalized per type in train_step
+        adam = [p for k, p in trained.items() if not self._nsgd(k)]
+        opts = ([torch.optim.AdamW(adam, lr=self.cfg.lr, betas=(0.9, self.cfg.adam_beta2), weight_decay=0.0)] if adam
+                else []) + ([torch.optim.SGD(nsgd, lr=self.cfg.lr, momentum=0.9, dampening=0.9)] if nsgd else [])
+        return opts[0] if len(opts) == 1 else Chained(opts)
+
+    def _nsgd(self, key: str) -> bool:
+        return self.cfg.optimizer == "nsgd" or (self.cfg.optimizer == "mixed" and mask_type(key) == "weight")
 
 
     def _stage_at(self, step: int) -> tuple[Stage, int]:
@@ -278,9 +330,10 @@ class Trainer:
         for key, p in self.params.named_logits().items():  # data parallel: mean of the ranks' gradients
             if p.grad is not None and self.acc.num_processes > 1 and key not in self.params.sharded:
                 p.grad = self.acc.reduce(p.grad, reduction="mean")
-        if self.cfg.optimizer == "nsgd":
+        if self.cfg.optimizer != "adamw":
             reduce = (lambda x: self.acc.reduce(x, reduction="sum")) if self.acc.num_processes > 1 else None
-            normalize_grads(self.params.named_logits(), sharded=self.params.sharded, reduce_sum=reduce)
+            normalize_grads({k: p for k, p in self.params.named_logits().items() if self._nsgd(k)},
+                            sharded=self.params.sharded, reduce_sum=reduce)
         self.optimizer.step()
         expected = {t: float(d.detach()) for t, d in dens.items()}
         if stage.sparsity == "controller" and self.cfg.control == "project":

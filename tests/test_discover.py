@@ -197,9 +197,9 @@ def test_same_seed_same_masks_other_seed_other_masks():
     assert any(not torch.equal(a.logits[k], c.logits[k]) for k in a.logits), "seed had no effect"
 
 
-@pytest.mark.parametrize("init", ["constant", "attribution"])
-def test_resume_after_interrupt_equals_uninterrupted(tmp_path, monkeypatch, init):
-    whole = discover(cfg(init=init), out=tmp_path / "whole", progress=False)
+@pytest.mark.parametrize("init, optimizer", [("constant", "adamw"), ("attribution", "adamw"), ("constant", "mixed")])
+def test_resume_after_interrupt_equals_uninterrupted(tmp_path, monkeypatch, init, optimizer):
+    whole = discover(cfg(init=init, optimizer=optimizer), out=tmp_path / "whole", progress=False)
     original = Trainer.train_step
 
     def interrupt_at_7(self):
@@ -209,11 +209,11 @@ def test_resume_after_interrupt_equals_uninterrupted(tmp_path, monkeypatch, init
 
     monkeypatch.setattr(Trainer, "train_step", interrupt_at_7)
     with pytest.raises(KeyboardInterrupt):
-        discover(cfg(init=init), out=tmp_path / "cut", progress=False)
+        discover(cfg(init=init, optimizer=optimizer), out=tmp_path / "cut", progress=False)
     assert not (tmp_path / "cut").exists(), "an interrupted run must not leave a sheaf folder"
     assert list((tmp_path / ".cut.run").glob("ckpt-00000008.json")), "Ctrl-C must checkpoint the finished step"
     monkeypatch.setattr(Trainer, "train_step", original)
-    resumed = discover(cfg(init=init), out=tmp_path / "cut", resume=True, progress=False)
+    resumed = discover(cfg(init=init, optimizer=optimizer), out=tmp_path / "cut", resume=True, progress=False)
     for k in whole.logits:
         d = (whole.logits[k] - resumed.logits[k]).abs().max().item()
         assert d == 0.0, f"resumed vs uninterrupted: {k} differs by {d:.3g}"

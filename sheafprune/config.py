@@ -55,6 +55,9 @@ class DiscoverConfig:
     control: str = "kept"
     dual_lr: float = 1.0  # dual-ascent step of the density controller's multipliers (a drift of lr * lambda)
     lambda_complete: float = 1.0  # weight of the completeness loss
+    # Next-token tasks: train faithfulness on the candidates' scores minus each answer token's batch mean
+    # (objective.debias_tokens), so a sheaf cannot satisfy it with a fixed preference among the answer tokens.
+    debias_tokens: bool = False
     warmup: float = 0.6  # fraction of steps over which the density target ramps from 1 down to its value
     ramp: str = "linear"  # shape of that ramp: "linear" or "cubic" (fast first, slow near the target)
     # Straight-through temperature of weight gates. None = the schedule's own: DiscoGP's 0.01 in "staged"; 1.0 in
@@ -101,8 +104,9 @@ class DiscoverConfig:
                 raise UserError(f"--target-density names {t!r}, which is not in --granularity {','.join(self.granularity)}")
             if isinstance(d, bool) or not isinstance(d, (int, float)) or not (0.0 < d <= 1.0):
                 raise UserError(f"target density {t}={d} is outside (0, 1]; give the kept fraction, e.g. {t}=0.05")
-        if not isinstance(self.shard_masks, bool):
-            raise UserError(f"shard_masks must be true or false, got {self.shard_masks!r}")
+        for name in ("shard_masks", "debias_tokens", "early_stop", "filter_correct"):
+            if not isinstance(getattr(self, name), bool):
+                raise UserError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if self.gate not in GATES:
             raise UserError(f"unknown gate {self.gate!r}; use one of {', '.join(GATES)}")
         if self.control not in CONTROLS:

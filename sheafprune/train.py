@@ -29,7 +29,7 @@ from .config import DiscoverConfig
 from .errors import RunFailed, UserError
 from .gates import GATES, deterministic
 from .maskparams import MaskLogits, ramp
-from .objective import completeness, faithfulness, metrics_from_scores, split_scores, task_scores
+from .objective import completeness, debias_tokens, faithfulness, metrics_from_scores, split_scores, task_scores
 from .sheaf import mask_type
 from .tasks import Task, encode
 
@@ -307,7 +307,10 @@ class Trainer:
                                         noise_seed=self.cfg.seed * 1_000_003 + self.step, noise_scale=scale,
                                         frozen_masks=frozen)
         batch = self._local_batch(self.step)
-        faith = faithfulness(task_scores(self.view, batch, masks), batch.target)
+        scores = task_scores(self.view, batch, masks)
+        if self.cfg.debias_tokens and batch.kind == "choice":
+            scores = debias_tokens(scores, batch.cand_ids)
+        faith = faithfulness(scores, batch.target)
         complete = completeness(task_scores(self.view, batch, comp))
         targets = self._targets_now(stage, local)
         if stage.sparsity == "controller":

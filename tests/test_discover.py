@@ -182,6 +182,18 @@ def test_nsgd_normalizes_gradients_by_the_rms_of_their_mask_type():
     assert torch.allclose(ratio, ratio[0]) and torch.allclose(logits["w/a"].grad / before["w/a"], ratio[0].expand(30, 20))
 
 
+def test_debias_tokens_removes_a_fixed_preference_among_answer_tokens():
+    from sheafprune.objective import debias_tokens
+
+    ids = torch.tensor([[7, 9], [9, 5], [7, 5], [5, 9]])
+    bias = {7: 3.0, 9: 1.0, 5: -2.0}
+    prior = torch.tensor([[bias[int(i)] for i in row] for row in ids])
+    evidence = torch.tensor([[0.5, -0.5], [0.2, 0.0], [-1.0, 1.0], [0.0, 0.3]])
+    out = debias_tokens(prior + evidence, ids)
+    assert torch.allclose(out, debias_tokens(evidence, ids), atol=1e-6), "a per-token constant must cancel out"
+    assert torch.allclose(debias_tokens(prior, ids), torch.zeros(4, 2)), debias_tokens(prior, ids)
+
+
 def test_lr_decays_after_the_ramp_to_lr_final():
     sheaf = discover(cfg(steps=10, warmup=0.5, lr=0.1, lr_final=0.01, early_stop=False), progress=False)
     lrs = [row["lr"] for row in sheaf.curve]

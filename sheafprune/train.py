@@ -280,8 +280,12 @@ class Trainer:
         mine = idx[self.acc.process_index * per:(self.acc.process_index + 1) * per]
         return encode(self.task, [items[i] for i in mine], self.tok).to(self.device)
 
+    def _ramp_steps(self, stage: Stage) -> int:
+        """Steps of the stage over which the density target (and the noise scale) ramp; after them the lr decays."""
+        return int(self.cfg.warmup * stage.steps)
+
     def _targets_now(self, stage: Stage, local: int) -> dict[str, float]:
-        warm = int(self.cfg.warmup * stage.steps)
+        warm = self._ramp_steps(stage)
         return {t: ramp(local, start=self.start_density, end=d, steps=warm, shape=self.cfg.ramp)
                 for t, d in self.targets.items() if t in stage.trained}
 
@@ -289,11 +293,11 @@ class Trainer:
         """1 (DiscoGP) in the staged preset; noise_start -> noise_final over the warmup in the joint schedule."""
         if stage.sparsity != "controller":
             return 1.0
-        return ramp(local, start=self.cfg.noise_start, end=self.cfg.noise_final, steps=int(self.cfg.warmup * stage.steps))
+        return ramp(local, start=self.cfg.noise_start, end=self.cfg.noise_final, steps=self._ramp_steps(stage))
 
     def _lr(self, stage: Stage, local: int) -> float:
         """cfg.lr; in the joint schedule with lr_final set, linear from lr at the ramp's end to lr_final at the last step."""
-        warm = int(self.cfg.warmup * stage.steps)
+        warm = self._ramp_steps(stage)
         if stage.sparsity != "controller" or self.cfg.lr_final is None or local < warm:
             return self.cfg.lr
         return ramp(local - warm, start=self.cfg.lr, end=self.cfg.lr_final, steps=max(stage.steps - 1 - warm, 1))
@@ -365,7 +369,7 @@ class Trainer:
         (MaskLogits.project; part of the training state, checkpointed with it); then dev metrics into `row`;
         remember the best sheaf that meets the targets. True = stop early."""
         last_stage = stage is self.stages[-1]
-        ramp_done = local >= int(self.cfg.warmup * stage.steps)
+        ramp_done = local >= self._ramp_steps(stage)
         # Also project a sheaf within the 2% slack of its targets: the sheaf kept as best is never above them.
         if (ramp_done or self._targets_met(row["kept"])) and stage.sparsity == "controller":
             shifts = self.params.project({t: d for t, d in self.targets.items() if t in stage.trained})
@@ -391,7 +395,7 @@ class Trainer:
         ~15 s on SmolLM2 with one thread, a third of a 5-step interval)."""
         if self.step % self.cfg.eval_every:
             return False
-        could_keep = (local >= int(self.cfg.warmup * stage.steps) or stage.sparsity != "controller"
+        could_keep = (local >= self._ramp_steps(stage) or stage.sparsity != "controller"
                       or self._targets_met(row["kept"]))
         return could_keep or self.step % (4 * self.cfg.eval_every) == 0
 

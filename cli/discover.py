@@ -44,11 +44,19 @@ def _run(args: argparse.Namespace) -> int:
     from sheafprune.discovery import discover
 
     cfg = config_from_args(args)
+    from accelerate import PartialState
+
     sheaf = discover(cfg, out=args.out, resume=args.resume, overwrite=args.overwrite)
+    if not PartialState().is_main_process:  # under `accelerate launch` one line, not one per process
+        return 0
     d = ", ".join(f"{k} {v:.2%}" for k, v in sheaf.density().items())
     m = sheaf.meta.get("metrics", {})
-    print(f"sheaf written to {args.out}: kept {d}; test accuracy full {m.get('full_accuracy', float('nan')):.3f}, "
-          f"sheaf {m.get('sheaf_accuracy', float('nan')):.3f}, complement {m.get('complement_accuracy', float('nan')):.3f}")
+    line = (f"sheaf written to {args.out}: kept {d}; test accuracy full {m.get('full_accuracy', float('nan')):.3f}, "
+            f"sheaf {m.get('sheaf_accuracy', float('nan')):.3f}, complement {m.get('complement_accuracy', float('nan')):.3f}")
+    if "sheaf_balanced_accuracy" in m:
+        line += (f" (answer-balanced: full {m['full_balanced_accuracy']:.3f}, sheaf {m['sheaf_balanced_accuracy']:.3f}, "
+                 f"complement {m['complement_balanced_accuracy']:.3f})")
+    print(line)
     return 0
 
 

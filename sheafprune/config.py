@@ -58,6 +58,10 @@ class DiscoverConfig:
     # Next-token tasks: train faithfulness on the candidates' scores minus each answer token's batch mean
     # (objective.debias_tokens), so a sheaf cannot satisfy it with a fixed preference among the answer tokens.
     debias_tokens: bool = False
+    # Draw training items so that, within each candidate set, every right answer is drawn equally often
+    # (tasks.answer_weights), and pick the best sheaf / stop early on the answer-balanced dev accuracy: a sheaf
+    # that only prefers some answer tokens whatever the prompt then gains nothing in training or in selection.
+    balance_answers: bool = False
     warmup: float = 0.6  # fraction of steps over which the density target ramps from 1 down to its value
     ramp: str = "linear"  # shape of that ramp: "linear" or "cubic" (fast first, slow near the target)
     # Straight-through temperature of weight gates. None = the schedule's own: DiscoGP's 0.01 in "staged"; 1.0 in
@@ -104,7 +108,7 @@ class DiscoverConfig:
                 raise UserError(f"--target-density names {t!r}, which is not in --granularity {','.join(self.granularity)}")
             if isinstance(d, bool) or not isinstance(d, (int, float)) or not (0.0 < d <= 1.0):
                 raise UserError(f"target density {t}={d} is outside (0, 1]; give the kept fraction, e.g. {t}=0.05")
-        for name in ("shard_masks", "debias_tokens", "early_stop", "filter_correct"):
+        for name in ("shard_masks", "debias_tokens", "balance_answers", "early_stop", "filter_correct"):
             if not isinstance(getattr(self, name), bool):
                 raise UserError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if self.gate not in GATES:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -35,6 +36,8 @@ def discover(cfg: DiscoverConfig, *, out: Optional[Path] = None, resume: bool = 
     """Learn a sheaf for `cfg.task` on `cfg.model`; write it to `out` (atomically) if given."""
     from accelerate import Accelerator
     from accelerate.utils import gather_object
+
+    started = time.perf_counter()
 
     # cpu=True on a machine without CUDA makes a torchrun-style launch (WORLD_SIZE > 1) a gloo process group.
     acc = accelerator or Accelerator(cpu=not torch.cuda.is_available())
@@ -69,7 +72,7 @@ def discover(cfg: DiscoverConfig, *, out: Optional[Path] = None, resume: bool = 
             raise UserError(f"task {cfg.task!r} has no {split} items; give it more items (--n-items or a bigger file)")
 
     trainer = Trainer(cfg=cfg, view=view, tokenizer=tokenizer, task=task, params=params, accelerator=acc,
-                      work_dir=work_dir, progress=progress)
+                      work_dir=work_dir, progress=progress, started=started)
     if resume:
         trainer.resume()
     else:
@@ -102,7 +105,10 @@ def discover(cfg: DiscoverConfig, *, out: Optional[Path] = None, resume: bool = 
         "granularity": list(cfg.granularity),
         "density": {},
         "metrics": metrics,
-        "training": {"steps": trainer.step, "seconds": round(trainer.elapsed, 1), "processes": acc.num_processes,
+        # seconds: training steps and dev evaluations (all sessions of a resumed run); wall_seconds: this process,
+        # from loading the model to the test metrics (what --max-minutes bounds, with the training of earlier sessions)
+        "training": {"steps": trainer.step, "seconds": round(trainer.elapsed, 1),
+                     "wall_seconds": round(time.perf_counter() - started, 1), "processes": acc.num_processes,
                      "best_step": None if trainer.best is None else trainer.best["step"],
                      # elements each rank holds at the end (list index = rank); shard_masks divides them by N
                      "per_rank": gather_object([footprint(params, trainer.optimizer, view)]),

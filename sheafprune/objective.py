@@ -54,8 +54,9 @@ def kl_div(scores_p: Tensor, scores_q: Tensor) -> Tensor:
     return (lp.exp() * (lp - lq)).sum(-1).mean()
 
 
-def accuracy(scores: Tensor, target: Tensor) -> float:
-    return float((scores.argmax(-1) == target).float().mean())
+def accuracy(scores: Tensor, target: Tensor, weights: Optional[Tensor] = None) -> float:
+    right = (scores.argmax(-1) == target).float()
+    return float(right.mean() if weights is None else (right * weights).sum() / weights.sum())
 
 
 @torch.no_grad()
@@ -87,9 +88,17 @@ def sheaf_metrics(view: ArchView, tokenizer, task: Task, masks: Mapping[str, Ten
     return metrics_from_scores(full_s, sheaf_s, comp_s, target, split=split)
 
 
-def metrics_from_scores(full: Tensor, sheaf: Tensor, complement: Tensor, target: Tensor, *, split: str) -> dict:
-    """The reported metrics from the candidate scores (n, C) of full model, sheaf and complement."""
+def metrics_from_scores(full: Tensor, sheaf: Tensor, complement: Tensor, target: Tensor, *, split: str,
+                        weights: Optional[Tensor] = None) -> dict:
+    """The reported metrics from the candidate scores (n, C) of full model, sheaf and complement.
+
+    With `weights` (tasks.answer_weights of the split) also the answer-balanced accuracies, on which a fixed
+    preference among the answer tokens scores chance.
+    """
     full_acc, sheaf_acc = accuracy(full, target), accuracy(sheaf, target)
+    balanced = {} if weights is None else {
+        f"{name}_balanced_accuracy": accuracy(s, target, weights)
+        for name, s in (("full", full), ("sheaf", sheaf), ("complement", complement))}
     return {
         "split": split, "n": int(target.numel()),
         "full_accuracy": full_acc, "sheaf_accuracy": sheaf_acc,
@@ -97,4 +106,5 @@ def metrics_from_scores(full: Tensor, sheaf: Tensor, complement: Tensor, target:
         "chance": 1.0 / full.shape[-1] if full.numel() else float("nan"),
         "kl": float(kl_div(sheaf, full)),
         "accuracy_kept": sheaf_acc / full_acc if full_acc > 0 else float("nan"),
+        **balanced,
     }

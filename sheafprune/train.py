@@ -31,7 +31,7 @@ from .gates import GATES, deterministic
 from .maskparams import MaskLogits, ramp
 from .objective import completeness, debias_tokens, faithfulness, metrics_from_scores, split_scores, task_scores
 from .sheaf import mask_type
-from .tasks import Task, encode
+from .tasks import Task, answer_weights, encode
 
 
 @dataclass(frozen=True)
@@ -137,8 +137,11 @@ class Chained:
             offset += n
 
 
-def batch_indices(step: int, *, n: int, size: int, seed: int) -> list[int]:
-    """Item indices of global step `step`: consecutive slices of per-epoch seeded permutations."""
+def batch_indices(step: int, *, n: int, size: int, seed: int, weights: Optional[list[float]] = None) -> list[int]:
+    """Item indices of global step `step`: consecutive slices of per-epoch seeded permutations; with `weights`,
+    `size` draws with replacement in proportion to them, seeded by (seed, step)."""
+    if weights is not None:
+        return random.Random(f"weighted:{seed}:{step}").choices(range(n), weights=weights, k=size)
     out: list[int] = []
     pos = step * size
     while len(out) < size:
@@ -153,7 +156,11 @@ def batch_indices(step: int, *, n: int, size: int, seed: int) -> list[int]:
 
 class Trainer:
     def __init__(self, *, cfg: DiscoverConfig, view: ArchView, tokenizer, task: Task, params: MaskLogits,
-                 accelerator, work_dir: Path, progress: bool = True):
+                 accelerator, work_dir: Path, progress: bool = True, started: Optional[float] = None):
+        """`started`: time.perf_counter() when this process began the run (loading the model): --max-minutes
+        counts from there."""
+        self.started = time.perf_counter() if started is None else started
+        self.setup_seconds = 0.0  # this process's time before its first step (set by run)
         self.cfg, self.view, self.tok, self.task = cfg, view, tokenizer, task
         self.params, self.acc, self.work_dir = params, accelerator, work_dir
         self.progress = progress and accelerator.is_main_process
@@ -169,7 +176,13 @@ class Trainer:
         self.step = 0
         self.elapsed = 0.0
         self.optimizer = self._make_optimizer(self.stages[0])
+        # Answer-balanced weights of each split (None where no candidate set has a skewed answer): the training
+        # sampler uses them with cfg.balance_answers; dev and test metrics always report the balanced accuracy.
+        self.answer_weights = {split: answer_weights(task.items(split)) for split in task.splits}
+        t0 = time.perf_counter()
         self.full_dev = self._scores("dev", None)
+        # Seconds of one sheaf + complement dev evaluation (two passes over dev); measured at every evaluation.
+        self.dev_eval_seconds = 2 * (time.perf_counter() - t0)
 
     # --- initialization ---------------------------------------------------------------------------
     def _attribution_init(self) -> bool:
@@ -271,11 +284,14 @@ class Trainer:
         full_s, target = full or self._scores(split, None)
         sheaf_s, _ = self._scores(split, self.masks())
         comp_s, _ = self._scores(split, self.masks(trained, complement=True))
-        return metrics_from_scores(full_s, sheaf_s, comp_s, target, split=split)
+        weights = self.answer_weights.get(split)
+        return metrics_from_scores(full_s, sheaf_s, comp_s, target, split=split,
+                                   weights=None if weights is None else torch.tensor(weights))
 
     def _local_batch(self, step: int):
         items = self.task.items("train")
-        idx = batch_indices(step, n=len(items), size=self.cfg.batch_size, seed=self.cfg.seed)
+        weights = self.answer_weights["train"] if self.cfg.balance_answers else None
+        idx = batch_indices(step, n=len(items), size=self.cfg.batch_size, seed=self.cfg.seed, weights=weights)
         per = self.cfg.batch_size // self.acc.num_processes
         mine = idx[self.acc.process_index * per:(self.acc.process_index + 1) * per]
         return encode(self.task, [items[i] for i in mine], self.tok).to(self.device)
@@ -376,15 +392,19 @@ class Trainer:
             if shifts:
                 row["projected"] = shifts
                 row["kept"] = self.params.kept(stage.trained)
+        t0 = time.perf_counter()
         dev = self.evaluate("dev", stage.trained, full=self.full_dev)
+        self.dev_eval_seconds = time.perf_counter() - t0
         row["dev"] = dev
         if last_stage and self._targets_met(row["kept"]):
-            # Best = highest dev accuracy; among equals, the complement closest to chance (the completeness goal).
-            rank = [dev["sheaf_accuracy"], -abs(dev["complement_accuracy"] - dev["chance"])]
+            # Best = highest dev accuracy (answer-balanced with cfg.balance_answers); among equals, the complement
+            # closest to chance (the completeness goal).
+            acc = "balanced_accuracy" if self.cfg.balance_answers and "sheaf_balanced_accuracy" in dev else "accuracy"
+            rank = [dev[f"sheaf_{acc}"], -abs(dev["complement_accuracy"] - dev["chance"])]
             if self.best is None or rank > self.best.get("rank", [self.best["dev_accuracy"], float("-inf")]):
-                self.best = {"step": row["step"], "dev_accuracy": dev["sheaf_accuracy"], "rank": rank,
+                self.best = {"step": row["step"], "dev_accuracy": dev[f"sheaf_{acc}"], "rank": rank,
                              "logits": {k: v.detach().clone() for k, v in self.params.named_logits().items()}}
-            holds = dev["sheaf_accuracy"] >= 0.95 * dev["full_accuracy"]
+            holds = dev[f"sheaf_{acc}"] >= 0.95 * dev[f"full_{acc}"]
             complete = dev["complement_accuracy"] <= dev["chance"] + 0.1  # the complement near chance (<= 0.6 two-way)
             return self.cfg.early_stop and ramp_done and holds and complete
         return False
@@ -450,6 +470,7 @@ class Trainer:
         """
         from tqdm.auto import tqdm
 
+        self.setup_seconds = time.perf_counter() - self.started
         bar = tqdm(total=self.total_steps, initial=self.step, disable=not self.progress, desc="discover",
                    dynamic_ncols=True, mininterval=1.0)
         with _deferred_sigint() as interrupted:
@@ -472,8 +493,11 @@ class Trainer:
         t0 = time.perf_counter()
         row = self.train_step()
         self.step += 1
+        step_seconds = time.perf_counter() - t0
+        # Stop now if one more step and the closing evaluations would overrun the budget (spent = setup + earlier
+        # steps + this one).
         out_of_time = self.cfg.max_minutes is not None and self._anyone(
-            self.elapsed + time.perf_counter() - t0 > 60 * self.cfg.max_minutes)
+            self.setup_seconds + self.elapsed + 2 * step_seconds + self._closing_seconds() > 60 * self.cfg.max_minutes)
         stop = out_of_time
         if self._evaluate_now(row, stage, local + 1) or self.step == self.total_steps or out_of_time:
             stop = self._eval_and_track(row, stage, local + 1) or out_of_time
@@ -487,6 +511,12 @@ class Trainer:
         if self.step % self.cfg.checkpoint_every == 0 or stop:
             self._checkpoint()
         return stop
+
+    def _closing_seconds(self) -> float:
+        """What a run still spends once it decides to stop: the closing dev evaluation, then the test evaluation
+        (full model, sheaf and complement: 1.5 dev evaluations per item), so --max-minutes bounds the whole run."""
+        n_dev, n_test = len(self.task.items("dev")), len(self.task.items("test"))
+        return self.dev_eval_seconds * (1 + 1.5 * n_test / max(n_dev, 1))
 
     def final_logits(self) -> dict[str, Tensor]:
         """The best dev sheaf that met the targets, else the last one (full tensors, on every rank)."""
@@ -527,7 +557,10 @@ def _postfix(row: dict[str, Any], targets: dict[str, float]) -> str:
     kept = " ".join(f"{t[0]}={d:.1%}" + (f"/{targets[t]:.1%}" if t in targets else "") for t, d in row["kept"].items())
     s = f"loss {row['loss']:.3f} faith {row['faith']:.3f} {kept}"
     if "dev" in row:
-        s += f" dev {row['dev']['sheaf_accuracy']:.2f}/{row['dev']['full_accuracy']:.2f}"
+        dev = row["dev"]
+        s += f" dev {dev['sheaf_accuracy']:.2f}/{dev['full_accuracy']:.2f}"
+        if "sheaf_balanced_accuracy" in dev:
+            s += f" balanced {dev['sheaf_balanced_accuracy']:.2f}/{dev['full_balanced_accuracy']:.2f}"
     return s
 
 

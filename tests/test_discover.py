@@ -3,10 +3,12 @@ parallelism and the command line."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -17,6 +19,7 @@ from sheafprune.config import resolve_config
 from sheafprune.discovery import discover
 from sheafprune.gates import GATES, logistic_noise
 from sheafprune.sheaf import load_sheaf
+from sheafprune import train as train_module
 from sheafprune.train import Trainer, batch_indices, plan_stages
 
 BIN = Path(sys.executable).parent
@@ -71,6 +74,45 @@ def test_batches_are_a_function_of_seed_and_step():
     assert a != [batch_indices(s, n=50, size=8, seed=4) for s in range(20)]
     flat = [i for b in a[:7] for i in b][:50]  # the first epoch visits every item once
     assert sorted(flat) == list(range(50))
+
+
+def test_weighted_batches_are_seeded_and_follow_the_weights():
+    weights = [1.0] * 10 + [9.0] * 10  # items 10..19 drawn 9x as often
+    a = [batch_indices(s, n=20, size=8, seed=3, weights=weights) for s in range(500)]
+    assert a == [batch_indices(s, n=20, size=8, seed=3, weights=weights) for s in range(500)]
+    assert a[:20] != [batch_indices(s, n=20, size=8, seed=4, weights=weights) for s in range(20)]
+    heavy = sum(i >= 10 for batch in a for i in batch) / (500 * 8)
+    assert abs(heavy - 0.9) < 0.02, f"heavy items drawn {heavy:.3f} of the time, expected 0.9"
+
+
+@pytest.mark.parametrize("balance", [False, True])
+def test_balance_answers_samples_and_selects_on_the_balanced_accuracy(tmp_path, monkeypatch, balance):
+    # Two-way items whose right answer is " yes" 3 times in 4; balanced, " no" is the right answer in half the draws.
+    rows = [{"prompt": f"Item {i} is", "good": " yes" if i % 4 else " no", "bad": " no" if i % 4 else " yes"}
+            for i in range(200)]
+    path = tmp_path / "items.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    drawn: list[str] = []
+    original = train_module.encode
+
+    def recording(task, items, tok):
+        drawn.extend(item.candidates[item.target] for item in items)
+        return original(task, items, tok)
+
+    monkeypatch.setattr(train_module, "encode", recording)
+    c = cfg(task=f"jsonl:{path}", n_items=None, balance_answers=balance, steps=30, batch_size=16, warmup=0.3, eval_every=3,
+            early_stop=False)
+    sheaf = discover(c, progress=False)
+    no_share = drawn.count(" no") / len(drawn)
+    assert abs(no_share - (0.5 if balance else 0.25)) < 0.08, f"' no' right in {no_share:.2f} of the training draws"
+    evals = [r for r in sheaf.curve if "dev" in r]
+    assert evals and all("sheaf_balanced_accuracy" in r["dev"] for r in evals), evals[:1]
+    assert "full_balanced_accuracy" in sheaf.meta["metrics"], sheaf.meta["metrics"]
+    acc = "sheaf_balanced_accuracy" if balance else "sheaf_accuracy"
+    eligible = [r for r in evals if all(r["kept"][t] <= 0.3 * 1.02 + 1e-9 for t in r["kept"])]
+    assert eligible, "no evaluation met the targets"
+    best = next(r for r in evals if r["step"] == sheaf.meta["training"]["best_step"])
+    assert best["dev"][acc] == max(r["dev"][acc] for r in eligible), (best["dev"], [r["dev"][acc] for r in eligible])
 
 
 def test_controller_reaches_target_density():
@@ -201,6 +243,27 @@ def test_lr_decays_after_the_ramp_to_lr_final():
     assert all(a >= b for a, b in zip(lrs, lrs[1:])), lrs
 
 
+def test_max_minutes_bounds_the_whole_run_including_the_test_evaluation(monkeypatch):
+    # Each pass over a split takes 0.2 s more, as on a real model: the closing dev evaluation (2 passes) and the
+    # test evaluation (3) then cost 1 s, which a budget that only counted training steps would overrun.
+    original = Trainer._scores
+
+    def slow(self, split, masks):
+        time.sleep(0.2)
+        return original(self, split, masks)
+
+    monkeypatch.setattr(Trainer, "_scores", slow)
+    budget = 0.1  # 6 s
+    t0 = time.perf_counter()
+    sheaf = discover(cfg(steps=100_000, max_minutes=budget, eval_every=50), progress=False)
+    wall = time.perf_counter() - t0
+    training = sheaf.meta["training"]
+    assert 0 < training["steps"] < 100_000, training
+    assert training["wall_seconds"] <= 60 * budget + 0.25, f"the run took {training['wall_seconds']} s of a {60 * budget} s budget"
+    assert training["wall_seconds"] <= wall, (training, wall)
+    assert "dev" in sheaf.curve[-1], "the last step must be evaluated (the best sheaf is chosen on it)"
+
+
 def test_same_seed_same_masks_other_seed_other_masks():
     a, b = discover(cfg(), progress=False), discover(cfg(), progress=False)
     c = discover(cfg(seed=1), progress=False)
@@ -275,6 +338,7 @@ def test_two_processes_equal_one_process(tmp_path, init):
                 "--mixed_precision", "no", "--dynamo_backend", "no", str(BIN / "sheafprune"), *args,
                 "--out", str(tmp_path / "two")], env={"OMP_NUM_THREADS": "1"})
     assert two.returncode == 0, two.stderr[-3000:]
+    assert two.stdout.count("sheaf written") == 1, f"one summary line, not one per process:\n{two.stdout}"
     a, b = load_file(str(tmp_path / "one" / "masks.safetensors")), load_file(str(tmp_path / "two" / "masks.safetensors"))
     d = max((a[k] - b[k]).abs().max().item() for k in a)
     # Gradients are summed in another order across ranks; Adam divides by sqrt(v), which magnifies float

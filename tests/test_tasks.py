@@ -13,7 +13,7 @@ import torch
 from transformers import GPT2TokenizerFast
 
 from sheafprune.errors import UserError
-from sheafprune.tasks import TASKS, Item, Task, encode, filter_correct, list_tasks, load_task, score
+from sheafprune.tasks import TASKS, Item, Task, answer_weights, encode, filter_correct, list_tasks, load_task, score
 from sheafprune.tasks import blimp, facts, ioi
 
 GPT2_VOCAB = 50257
@@ -119,6 +119,33 @@ def test_blimp_one_prefix_items_stop_at_the_differing_word() -> None:
         assert good.startswith(" ") and not good.startswith("  ") and bad.startswith(" ") and not bad.startswith("  ")
         assert item.prompt == item.prompt.rstrip() and item.prompt
         assert any(s.startswith(item.prompt + good) for s in goods), f"{item} is not a prefix of its sentence"
+
+
+def test_answer_weights_make_a_fixed_answer_order_score_chance() -> None:
+    she, he, it = " herself", " himself", " itself"
+    items = ([Item("p", (she, he))] * 6 + [Item("p", (he, she))] * 2 + [Item("p", (she, it))] * 5
+             + [Item("p", (it, she))] * 1 + [Item("p", (he, it))] * 3)  # the last set has one answer only
+    w = answer_weights(items)
+    assert w is not None and len(w) == len(items)
+    groups = {(she, he): range(0, 8), (she, it): range(8, 14), (he, it): range(14, 17)}
+    for group, rows in groups.items():
+        assert sum(w[i] for i in rows) == pytest.approx(len(rows)), f"{group} must keep its total weight"
+    order = {she: 0, he: 1, it: 2}  # always herself > himself > itself, whatever the prompt
+    right = [order[i.candidates[0]] < order[i.candidates[1]] for i in items]
+    for group, rows in list(groups.items())[:2]:
+        acc = sum(w[i] * right[i] for i in rows) / sum(w[i] for i in rows)
+        assert acc == pytest.approx(0.5), f"the fixed order scores {acc} on {group}, not chance"
+    assert [w[i] for i in groups[(he, it)]] == [1.0] * 3, "a set with one right answer has nothing to balance"
+    assert answer_weights([Item("p", (she, he)), Item("p", (he, she))]) is None, "balanced: no weights"
+
+
+def test_anaphor_agreement_is_skewed_and_the_weights_balance_it() -> None:
+    task = load_task("blimp/anaphor_gender_agreement")
+    items, w = task.items("train"), answer_weights(task.items("train"))
+    assert w is not None
+    she_right = sum(i.candidates[0] == " herself" for i in items) / len(items)
+    she_weight = sum(wi for i, wi in zip(items, w) if i.candidates[0] == " herself") / sum(w)
+    assert she_right > 0.6 and she_weight < 0.5, (she_right, she_weight)
 
 
 def test_blimp_sentence_items_are_pairs() -> None:

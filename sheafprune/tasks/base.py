@@ -107,6 +107,27 @@ def make_splits(
     return {split: [item for key in cut for item in units[key]] for split, cut in cuts.items()}
 
 
+def answer_weights(items: Sequence[Item]) -> list[float] | None:
+    """Per-item weights under which, within each candidate set, every answer that occurs is the right one
+    equally often; None when all weights would be 1 (no set has a skewed answer).
+
+    Items are grouped by their (unordered) candidates; in a group of N items whose K distinct right answers
+    occur n_a times, an item answered by `a` weighs N / (K * n_a), so the group keeps its total weight N. A
+    predictor that ignores the prompt (a fixed order of the answer tokens) then scores exactly chance on every
+    group where more than one answer occurs. BLiMP's anaphor split needs this: ' herself' is right in 519 of
+    its 800 training items, ' itself' in 24, and always preferring ' herself' > ' himself' > ' itself' scores
+    0.81 there without reading the subject.
+    """
+    groups: dict[tuple[str, ...], Counter] = {}
+    for item in items:
+        groups.setdefault(tuple(sorted(item.candidates)), Counter())[item.candidates[item.target]] += 1
+    weights = []
+    for item in items:
+        counts = groups[tuple(sorted(item.candidates))]
+        weights.append(sum(counts.values()) / (len(counts) * counts[item.candidates[item.target]]))
+    return None if all(abs(w - 1.0) < 1e-12 for w in weights) else weights
+
+
 def token_ids(tokenizer: Any, texts: Sequence[str]) -> list[list[int]]:
     """Token ids without special tokens (lm-eval's default for HF causal models)."""
     return [list(ids) for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]]

@@ -154,6 +154,27 @@ def batch_indices(step: int, *, n: int, size: int, seed: int, weights: Optional[
     return out
 
 
+def _accuracy_key(dev: dict[str, float], balanced: bool) -> str:
+    return "balanced_accuracy" if balanced and "sheaf_balanced_accuracy" in dev else "accuracy"
+
+
+def dev_rank(dev: dict[str, float], *, balanced: bool) -> list[float]:
+    """Order of sheaves that meet the targets: dev accuracy (answer-balanced with `balanced`, where the split has
+    skewed answers); among equals, the complement closest to chance (the completeness goal)."""
+    acc = _accuracy_key(dev, balanced)
+    return [dev[f"sheaf_{acc}"], -abs(dev["complement_accuracy"] - dev["chance"])]
+
+
+def sheaf_done(dev: dict[str, float], *, balanced: bool) -> bool:
+    """Early stopping's test (once the targets are met and the ramp is over): the sheaf keeps >= 95% of the full
+    model's dev accuracy, and its complement is within 0.05 of chance, so that the test's "<= 0.6 for two-way
+    tasks" holds with about one standard error (~0.05 at 100 items) to spare. At 0.1 an anaphor run stopped with a
+    dev complement of 0.59 and scored 0.61 on test."""
+    acc = _accuracy_key(dev, balanced)
+    holds = dev[f"sheaf_{acc}"] >= 0.95 * dev[f"full_{acc}"]
+    return holds and dev["complement_accuracy"] <= dev["chance"] + 0.05
+
+
 class Trainer:
     def __init__(self, *, cfg: DiscoverConfig, view: ArchView, tokenizer, task: Task, params: MaskLogits,
                  accelerator, work_dir: Path, progress: bool = True, started: Optional[float] = None):
@@ -397,16 +418,12 @@ class Trainer:
         self.dev_eval_seconds = time.perf_counter() - t0
         row["dev"] = dev
         if last_stage and self._targets_met(row["kept"]):
-            # Best = highest dev accuracy (answer-balanced with cfg.balance_answers); among equals, the complement
-            # closest to chance (the completeness goal).
-            acc = "balanced_accuracy" if self.cfg.balance_answers and "sheaf_balanced_accuracy" in dev else "accuracy"
-            rank = [dev[f"sheaf_{acc}"], -abs(dev["complement_accuracy"] - dev["chance"])]
+            balanced = self.cfg.balance_answers
+            rank = dev_rank(dev, balanced=balanced)
             if self.best is None or rank > self.best.get("rank", [self.best["dev_accuracy"], float("-inf")]):
-                self.best = {"step": row["step"], "dev_accuracy": dev[f"sheaf_{acc}"], "rank": rank,
+                self.best = {"step": row["step"], "dev_accuracy": rank[0], "rank": rank,
                              "logits": {k: v.detach().clone() for k, v in self.params.named_logits().items()}}
-            holds = dev[f"sheaf_{acc}"] >= 0.95 * dev[f"full_{acc}"]
-            complete = dev["complement_accuracy"] <= dev["chance"] + 0.1  # the complement near chance (<= 0.6 two-way)
-            return self.cfg.early_stop and ramp_done and holds and complete
+            return self.cfg.early_stop and ramp_done and sheaf_done(dev, balanced=balanced)
         return False
 
     def _evaluate_now(self, row: dict[str, Any], stage: Stage, local: int) -> bool:

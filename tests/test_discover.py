@@ -20,7 +20,7 @@ from sheafprune.discovery import discover
 from sheafprune.gates import GATES, logistic_noise
 from sheafprune.sheaf import load_sheaf
 from sheafprune import train as train_module
-from sheafprune.train import Trainer, batch_indices, plan_stages
+from sheafprune.train import Trainer, batch_indices, dev_rank, plan_stages, sheaf_done
 
 BIN = Path(sys.executable).parent
 
@@ -113,6 +113,20 @@ def test_balance_answers_samples_and_selects_on_the_balanced_accuracy(tmp_path, 
     assert eligible, "no evaluation met the targets"
     best = next(r for r in evals if r["step"] == sheaf.meta["training"]["best_step"])
     assert best["dev"][acc] == max(r["dev"][acc] for r in eligible), (best["dev"], [r["dev"][acc] for r in eligible])
+
+
+def test_early_stop_needs_accuracy_and_a_complement_near_chance():
+    dev = dict(full_accuracy=0.79, sheaf_accuracy=0.80, complement_accuracy=0.55, chance=0.5,
+               full_balanced_accuracy=0.81, sheaf_balanced_accuracy=0.70, complement_balanced_accuracy=0.5)
+    assert sheaf_done(dev, balanced=False)
+    assert not sheaf_done({**dev, "complement_accuracy": 0.59}, balanced=False), "0.59 is not within 0.05 of chance"
+    assert not sheaf_done({**dev, "sheaf_accuracy": 0.74}, balanced=False), "0.74 < 95% of 0.79"
+    assert not sheaf_done(dev, balanced=True), "balanced: 0.70 < 95% of 0.81"
+    assert dev_rank(dev, balanced=True)[0] == 0.70 and dev_rank(dev, balanced=False)[0] == 0.80
+    plain = {k: v for k, v in dev.items() if "balanced" not in k}  # a split without skewed answers
+    assert sheaf_done(plain, balanced=True) and dev_rank(plain, balanced=True)[0] == 0.80
+    assert dev_rank(dev, balanced=False) > dev_rank({**dev, "complement_accuracy": 0.40}, balanced=False), \
+        "equal accuracy: the complement nearer chance ranks higher"
 
 
 def test_controller_reaches_target_density():

@@ -126,20 +126,20 @@ class MaskLogits(nn.Module):
             keys = [k for k in self.keys if mask_type(k) == t]
             if not keys:
                 continue
-            total = sum(logits[k].numel() for k in keys)
-            if sample is not None and sample < total:
-                parts = [logits[k].detach().flatten() for k in keys]
-                flat = torch.cat([p[torch.randint(p.numel(), (max(1, round(sample * p.numel() / total)),),
-                                                  generator=g).to(p.device)] for p in parts])
-            else:
-                flat = torch.cat([logits[k].detach().flatten() for k in keys])
-            n = flat.numel()
+            sizes = [self._numel(k) for k in keys]
+            total = sum(sizes)
+            flat = None
+            if sample is not None and sample < total:  # the same draws in every subclass: one index set per tensor
+                idx = [torch.randint(n, (max(1, round(sample * n / total)),), generator=g) for n in sizes]
+                flat = self._sampled(keys, logits, idx)
+            n = total if flat is None else flat.numel()
             keep = int(rho * n)
             if keep >= n:
                 continue
-            if not exact and int(sum(int((logits[k] > 0).sum()) for k in keys)) <= int(rho * total):
+            if not exact and self._kept_counts((t,))[0][t] <= int(rho * total):
                 continue
-            v = float(flat.kthvalue(n - keep).values)  # the (n-keep)-th smallest: exactly `keep` entries lie above it
+            # the (n-keep)-th smallest: exactly `keep` entries lie above it
+            v = float(flat.kthvalue(n - keep).values) if flat is not None else self._kth_smallest(keys, logits, n - keep)
             del flat
             if v == 0.0:
                 continue
@@ -148,17 +148,40 @@ class MaskLogits(nn.Module):
             shifts[t] = v
         return shifts
 
+    # Where a subclass holds only part of each tensor (shard.py) it overrides these and _count_all_ranks.
+    def _numel(self, key: str) -> int:
+        """Entries of the whole mask `key`."""
+        return self.named_logits()[key].numel()
+
+    def _sampled(self, keys: list[str], logits: Mapping[str, Tensor], idx: list[Tensor]) -> Tensor:
+        """The entries idx[i] of each keys[i]'s flattened logits, concatenated."""
+        return torch.cat([logits[k].detach().flatten()[i.to(logits[k].device)] for k, i in zip(keys, idx)])
+
+    def _kth_smallest(self, keys: list[str], logits: Mapping[str, Tensor], k: int) -> float:
+        """The k-th smallest entry over all the keys' logits."""
+        return float(torch.cat([logits[key].detach().flatten() for key in keys]).kthvalue(k).values)
+
     @torch.no_grad()
-    def kept(self, types: tuple[str, ...]) -> dict[str, float]:
-        """Kept fraction of the deterministic masks (logit > 0) per mask type."""
-        kept: dict[str, int] = {}
+    def _kept_counts(self, types: tuple[str, ...]) -> tuple[dict[str, int], dict[str, int]]:
+        """(entries with logit > 0, entries) per mask type."""
+        kept: dict[str, Tensor] = {}
         total: dict[str, int] = {}
         for key, logit in zip(self.keys, self.logits):
             t = mask_type(key)
             if t in types:
-                kept[t] = kept.get(t, 0) + int((logit > 0).sum())
-                total[t] = total.get(t, 0) + logit.numel()
-        return {t: kept[t] / total[t] for t in kept}
+                kept[t] = kept.get(t, 0) + (logit > 0).sum()
+                total[t] = total.get(t, 0) + self._numel(key)
+        return {t: int(self._count_all_ranks(t, c)) for t, c in kept.items()}, total
+
+    def _count_all_ranks(self, mask_type_: str, count: Tensor) -> Tensor:
+        """A count of this process's entries of a mask type, summed over the processes that share them."""
+        return count
+
+    @torch.no_grad()
+    def kept(self, types: tuple[str, ...]) -> dict[str, float]:
+        """Kept fraction of the deterministic masks (logit > 0) per mask type."""
+        counts, total = self._kept_counts(types)
+        return {t: counts[t] / total[t] for t in counts}
 
     @torch.no_grad()
     def drift(self, types: tuple[str, ...], lr: float) -> None:

@@ -252,21 +252,8 @@ class ShardedMaskLogits(MaskLogits):
                 out[t] = kept[t] / count[t]
         return out
 
-    @torch.no_grad()
-    def _kept_counts(self, types: tuple[str, ...]) -> tuple[dict[str, int], dict[str, int]]:
-        """(entries with logit > 0, entries) per type, over all ranks."""
-        kept: dict[str, Any] = {}
-        total: dict[str, int] = {}
-        for key, logit in zip(self.keys, self.logits):
-            t = mask_type(key)
-            if t in types:
-                kept[t] = kept.get(t, 0) + (logit > 0).sum()
-                total[t] = total.get(t, 0) + _numel(self.shapes[key])
-        return {t: int(self.shards.sum_(c) if t in SHARDED_TYPES else c) for t, c in kept.items()}, total
-
-    def kept(self, types: tuple[str, ...]) -> dict[str, float]:
-        counts, total = self._kept_counts(types)
-        return {t: counts[t] / total[t] for t in counts}
+    def _count_all_ranks(self, mask_type_: str, count: Tensor) -> Tensor:
+        return self.shards.sum_(count) if mask_type_ in SHARDED_TYPES else count
 
     def _entries(self, keys: list[str], tensors: Mapping[str, Tensor], idx: Tensor) -> Tensor:
         """Entries `idx` of the concatenation of the keys' full flattened tensors (given as this rank's rows): each
@@ -307,51 +294,24 @@ class ShardedMaskLogits(MaskLogits):
                 jitter = self._local(k, torch.randn(self.shapes[k], generator=g)) * 1e-3
                 logits[k].copy_((center + spread * (2 * q - 1) + jitter).to(logits[k].device))
 
-    @torch.no_grad()
-    def project(self, targets: Mapping[str, float], *, exact: bool = False, sample: Optional[int] = None,
-                seed: int = 0) -> dict[str, float]:
-        """MaskLogits.project on shards: the same threshold, from the same sample or, exactly, by `kth_smallest`
-        over all-reduced counts."""
-        shifts = {}
-        logits = self.named_logits()
-        g = torch.Generator().manual_seed(seed)
-        for t, rho in targets.items():
-            keys = [k for k in self.keys if mask_type(k) == t]
-            if not keys:
-                continue
-            sizes = [_numel(self.shapes[k]) for k in keys]
-            total = sum(sizes)
-            flat = None
-            if sample is not None and sample < total:
-                offsets = [sum(sizes[:i]) for i in range(len(keys))]
-                idx = torch.cat([torch.randint(n, (max(1, round(sample * n / total)),), generator=g) + off
-                                 for n, off in zip(sizes, offsets)])
-                flat = self._entries(keys, logits, idx)
-            elif t not in SHARDED_TYPES:
-                flat = torch.cat([logits[k].detach().flatten() for k in keys])
-            n = total if flat is None else flat.numel()
-            keep = int(rho * n)
-            if keep >= n:
-                continue
-            if not exact and self._kept_counts((t,))[0][t] <= int(rho * total):
-                continue
-            if flat is not None:
-                v = float(flat.kthvalue(n - keep).values)
-            else:
-                dev = logits[keys[0]].device
+    # MaskLogits.project on shards: the same threshold, from the same sample or, exactly, by `kth_smallest` over
+    # all-reduced counts.
+    def _numel(self, key: str) -> int:
+        return _numel(self.shapes[key])
 
-                def count_le(x: Tensor) -> int:
-                    c = torch.stack([(logits[k] <= x).sum() for k in keys]).sum().reshape(1)
-                    return int(self.shards.sum_(c))
+    def _sampled(self, keys: list[str], logits: Mapping[str, Tensor], idx: list[Tensor]) -> Tensor:
+        offsets = [sum(self._numel(k) for k in keys[:i]) for i in range(len(keys))]
+        return self._entries(keys, logits, torch.cat([i + off for i, off in zip(idx, offsets)]))
 
-                v = kth_smallest(n - keep, count_le, device=dev)
-            del flat
-            if v == 0.0:
-                continue
-            for k in keys:
-                logits[k].sub_(v)
-            shifts[t] = v
-        return shifts
+    def _kth_smallest(self, keys: list[str], logits: Mapping[str, Tensor], k: int) -> float:
+        if mask_type(keys[0]) not in SHARDED_TYPES:
+            return super()._kth_smallest(keys, logits, k)
+
+        def count_le(x: Tensor) -> int:
+            c = torch.stack([(logits[key] <= x).sum() for key in keys]).sum().reshape(1)
+            return int(self.shards.sum_(c))
+
+        return kth_smallest(k, count_le, device=logits[keys[0]].device)
 
 
 def _numel(shape: tuple[int, ...]) -> int:

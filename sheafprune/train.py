@@ -159,10 +159,12 @@ def _accuracy_key(dev: dict[str, float], balanced: bool) -> str:
 
 
 def dev_rank(dev: dict[str, float], *, balanced: bool) -> list[float]:
-    """Order of sheaves that meet the targets: dev accuracy (answer-balanced with `balanced`, where the split has
-    skewed answers); among equals, the complement closest to chance (the completeness goal)."""
+    """Order of sheaves that meet the targets: first those that pass early stopping's test (sheaf_done: accurate
+    and complete), so the sheaf that stops a run is also the one it keeps; then dev accuracy (answer-balanced with
+    `balanced`, where the split has skewed answers); among equals, the complement closest to chance."""
     acc = _accuracy_key(dev, balanced)
-    return [dev[f"sheaf_{acc}"], -abs(dev["complement_accuracy"] - dev["chance"])]
+    return [float(sheaf_done(dev, balanced=balanced)), dev[f"sheaf_{acc}"],
+            -abs(dev["complement_accuracy"] - dev["chance"])]
 
 
 def sheaf_done(dev: dict[str, float], *, balanced: bool) -> bool:
@@ -420,8 +422,8 @@ class Trainer:
         if last_stage and self._targets_met(row["kept"]):
             balanced = self.cfg.balance_answers
             rank = dev_rank(dev, balanced=balanced)
-            if self.best is None or rank > self.best.get("rank", [self.best["dev_accuracy"], float("-inf")]):
-                self.best = {"step": row["step"], "dev_accuracy": rank[0], "rank": rank,
+            if self.best is None or rank > self.best["rank"]:
+                self.best = {"step": row["step"], "dev_accuracy": rank[1], "rank": rank,
                              "logits": {k: v.detach().clone() for k, v in self.params.named_logits().items()}}
             return self.cfg.early_stop and ramp_done and sheaf_done(dev, balanced=balanced)
         return False

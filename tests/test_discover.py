@@ -122,11 +122,15 @@ def test_early_stop_needs_accuracy_and_a_complement_near_chance():
     assert not sheaf_done({**dev, "complement_accuracy": 0.59}, balanced=False), "0.59 is not within 0.05 of chance"
     assert not sheaf_done({**dev, "sheaf_accuracy": 0.74}, balanced=False), "0.74 < 95% of 0.79"
     assert not sheaf_done(dev, balanced=True), "balanced: 0.70 < 95% of 0.81"
-    assert dev_rank(dev, balanced=True)[0] == 0.70 and dev_rank(dev, balanced=False)[0] == 0.80
+    assert dev_rank(dev, balanced=True)[1] == 0.70 and dev_rank(dev, balanced=False)[1] == 0.80
     plain = {k: v for k, v in dev.items() if "balanced" not in k}  # a split without skewed answers
-    assert sheaf_done(plain, balanced=True) and dev_rank(plain, balanced=True)[0] == 0.80
-    assert dev_rank(dev, balanced=False) > dev_rank({**dev, "complement_accuracy": 0.40}, balanced=False), \
+    assert sheaf_done(plain, balanced=True) and dev_rank(plain, balanced=True)[1] == 0.80
+    incomplete = {**dev, "complement_accuracy": 0.52}
+    assert dev_rank(dev, balanced=False) < dev_rank(incomplete, balanced=False), \
         "equal accuracy: the complement nearer chance ranks higher"
+    better_but_incomplete = {**dev, "sheaf_accuracy": 0.95, "complement_accuracy": 0.80}
+    assert dev_rank(dev, balanced=False) > dev_rank(better_but_incomplete, balanced=False), \
+        "a sheaf that passes the stopping test ranks above a more accurate one whose complement is not near chance"
 
 
 def test_controller_reaches_target_density():

@@ -201,7 +201,9 @@ class Trainer:
         self.optimizer = self._make_optimizer(self.stages[0])
         # Answer-balanced weights of each split (None where no candidate set has a skewed answer): the training
         # sampler uses them with cfg.balance_answers; dev and test metrics always report the balanced accuracy.
-        self.answer_weights = {split: answer_weights(task.items(split)) for split in task.splits}
+        # Measured without the candidate sets that have one right answer (single=0): a fixed order scores chance.
+        self.answer_weights = {split: answer_weights(task.items(split), single=0.0 if split != "train" else 1.0)
+                               for split in task.splits}
         t0 = time.perf_counter()
         self.full_dev = self._scores("dev", None)
         # Seconds of one sheaf + complement dev evaluation (two passes over dev); measured at every evaluation.

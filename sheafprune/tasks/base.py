@@ -107,24 +107,28 @@ def make_splits(
     return {split: [item for key in cut for item in units[key]] for split, cut in cuts.items()}
 
 
-def answer_weights(items: Sequence[Item]) -> list[float] | None:
+def answer_weights(items: Sequence[Item], *, single: float = 1.0) -> list[float] | None:
     """Per-item weights under which, within each candidate set, every answer that occurs is the right one
-    equally often; None when all weights would be 1 (no set has a skewed answer).
+    equally often; None when no candidate set has more than one right answer or all weights are 1.
 
-    Items are grouped by their (unordered) candidates; in a group of N items whose K distinct right answers
+    Items are grouped by their (unordered) candidates; in a group of N items whose K >= 2 distinct right answers
     occur n_a times, an item answered by `a` weighs N / (K * n_a), so the group keeps its total weight N. A
     predictor that ignores the prompt (a fixed order of the answer tokens) then scores exactly chance on every
-    group where more than one answer occurs. BLiMP's anaphor split needs this: ' herself' is right in 519 of
-    its 800 training items, ' itself' in 24, and always preferring ' herself' > ' himself' > ' itself' scores
-    0.81 there without reading the subject.
+    such group. Items of a group with one right answer weigh `single`: 1 to train on them, 0 to measure (a fixed
+    order gets all of them right or all wrong, so they cannot tell reading the prompt from a prior). BLiMP's
+    anaphor split needs this: ' herself' is right in 519 of its 800 training items, ' itself' in 24, and always
+    preferring ' herself' > ' himself' > ' itself' scores 0.81 there without reading the subject.
     """
     groups: dict[tuple[str, ...], Counter] = {}
     for item in items:
         groups.setdefault(tuple(sorted(item.candidates)), Counter())[item.candidates[item.target]] += 1
+    if all(len(counts) < 2 for counts in groups.values()):
+        return None
     weights = []
     for item in items:
         counts = groups[tuple(sorted(item.candidates))]
-        weights.append(sum(counts.values()) / (len(counts) * counts[item.candidates[item.target]]))
+        weights.append(sum(counts.values()) / (len(counts) * counts[item.candidates[item.target]])
+                       if len(counts) > 1 else single)
     return None if all(abs(w - 1.0) < 1e-12 for w in weights) else weights
 
 

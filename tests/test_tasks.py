@@ -142,6 +142,9 @@ def test_answer_weights_make_a_fixed_answer_order_score_chance() -> None:
     assert right_w == pytest.approx(0.5), f"measured without one-answer sets, the fixed order scores {right_w}"
     assert answer_weights([Item("p", (she, he))] * 3 + [Item("p", (it, he))], single=0.0) is None, \
         "no set with two right answers: nothing to measure"
+    few = [Item("p", (she, he)), Item("p", (he, she))] + [Item("p", (f" n{i}", " m")) for i in range(5)]
+    assert answer_weights(few, single=0.0) is None, "2 of 7 items measured: no balanced accuracy"
+    assert answer_weights(few) is None, "training: the balanced pair has weights 1 anyway"
     assert answer_weights([Item("p", (she, he)), Item("p", (he, she))]) is None, "balanced: no weights"
 
 

@@ -41,11 +41,11 @@ def config_from_args(args: argparse.Namespace) -> DiscoverConfig:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from accelerate import PartialState
+
     from sheafprune.discovery import discover
 
     cfg = config_from_args(args)
-    from accelerate import PartialState
-
     sheaf = discover(cfg, out=args.out, resume=args.resume, overwrite=args.overwrite)
     if not PartialState().is_main_process:  # under `accelerate launch` one line, not one per process
         return 0

@@ -201,8 +201,8 @@ class Trainer:
         self.optimizer = self._make_optimizer(self.stages[0])
         # Answer-balanced weights of each split (None where no candidate set has a skewed answer): the training
         # sampler uses them with cfg.balance_answers; dev and test metrics always report the balanced accuracy.
-        # Measured without the candidate sets that have one right answer (single=0): a fixed order scores chance.
-        self.answer_weights = {split: answer_weights(task.items(split), single=0.0 if split != "train" else 1.0)
+        # Dev and test are measured without the candidate sets that have one right answer: a fixed order scores chance.
+        self.answer_weights = {split: answer_weights(task.items(split), measure=split != "train")
                                for split in task.splits}
         t0 = time.perf_counter()
         self.full_dev = self._scores("dev", None)

@@ -136,14 +136,14 @@ def test_answer_weights_make_a_fixed_answer_order_score_chance() -> None:
         acc = sum(w[i] * right[i] for i in rows) / sum(w[i] for i in rows)
         assert acc == pytest.approx(0.5), f"the fixed order scores {acc} on {group}, not chance"
     assert [w[i] for i in groups[(he, it)]] == [1.0] * 3, "a set with one right answer has nothing to balance"
-    measured = answer_weights(items, single=0.0)
+    measured = answer_weights(items, measure=True)
     assert measured[:14] == w[:14] and measured[14:] == [0.0] * 3, measured
     right_w = sum(m * r for m, r in zip(measured, right)) / sum(measured)
     assert right_w == pytest.approx(0.5), f"measured without one-answer sets, the fixed order scores {right_w}"
-    assert answer_weights([Item("p", (she, he))] * 3 + [Item("p", (it, he))], single=0.0) is None, \
+    assert answer_weights([Item("p", (she, he))] * 3 + [Item("p", (it, he))], measure=True) is None, \
         "no set with two right answers: nothing to measure"
     few = [Item("p", (she, he)), Item("p", (he, she))] + [Item("p", (f" n{i}", " m")) for i in range(5)]
-    assert answer_weights(few, single=0.0) is None, "2 of 7 items measured: no balanced accuracy"
+    assert answer_weights(few, measure=True) is None, "2 of 7 items measured: no balanced accuracy"
     assert answer_weights(few) is None, "training: the balanced pair has weights 1 anyway"
     assert answer_weights([Item("p", (she, he)), Item("p", (he, she))]) is None, "balanced: no weights"
 

@@ -107,16 +107,16 @@ def make_splits(
     return {split: [item for key in cut for item in units[key]] for split, cut in cuts.items()}
 
 
-def answer_weights(items: Sequence[Item], *, single: float = 1.0) -> list[float] | None:
+def answer_weights(items: Sequence[Item], *, measure: bool = False) -> list[float] | None:
     """Per-item weights under which, within each candidate set, every answer that occurs is the right one
-    equally often; None when no candidate set has more than one right answer, when all weights are 1, or (to
-    measure, single=0) when such sets hold fewer than half of the items.
+    equally often; None when no candidate set has more than one right answer, when all weights are 1, or (with
+    `measure`) when such sets hold fewer than half of the items.
 
     Items are grouped by their (unordered) candidates; in a group of N items whose K >= 2 distinct right answers
     occur n_a times, an item answered by `a` weighs N / (K * n_a), so the group keeps its total weight N. A
     predictor that ignores the prompt (a fixed order of the answer tokens) then scores exactly chance on every
-    such group. Items of a group with one right answer weigh `single`: 1 to train on them, 0 to measure (a fixed
-    order gets all of them right or all wrong, so they cannot tell reading the prompt from a prior). BLiMP's
+    such group. Items of a group with one right answer weigh 1 to train on, and 0 with `measure` (a fixed order
+    gets all of them right or all wrong, so they cannot tell reading the prompt from a prior). BLiMP's
     anaphor split needs this: ' herself' is right in 519 of its 800 training items, ' itself' in 24, and always
     preferring ' herself' > ' himself' > ' itself' scores 0.81 there without reading the subject.
     """
@@ -124,7 +124,7 @@ def answer_weights(items: Sequence[Item], *, single: float = 1.0) -> list[float]
     for item in items:
         groups.setdefault(tuple(sorted(item.candidates)), Counter())[item.candidates[item.target]] += 1
     mixed = sum(sum(counts.values()) for counts in groups.values() if len(counts) > 1)
-    if mixed == 0 or (single == 0.0 and mixed < len(items) / 2):
+    if mixed == 0 or (measure and mixed < len(items) / 2):
         # Measured on a few items only (IOI's test split: 2 of 50 items share a name pair in both orders), a
         # balanced accuracy would be noise: none.
         return None
@@ -132,7 +132,7 @@ def answer_weights(items: Sequence[Item], *, single: float = 1.0) -> list[float]
     for item in items:
         counts = groups[tuple(sorted(item.candidates))]
         weights.append(sum(counts.values()) / (len(counts) * counts[item.candidates[item.target]])
-                       if len(counts) > 1 else single)
+                       if len(counts) > 1 else 0.0 if measure else 1.0)
     return None if all(abs(w - 1.0) < 1e-12 for w in weights) else weights
 
 

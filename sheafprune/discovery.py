@@ -19,7 +19,7 @@ from .masked import mask_shapes, masked_forward
 from .models import fingerprint, load_model
 from .shard import footprint, mask_logits_for
 from .sheaf import Sheaf, save_sheaf, versions
-from .tasks import filter_correct, load_task
+from .tasks import filter_correct, hold_out, load_task
 from .train import Trainer, write_jsonl
 
 
@@ -67,6 +67,7 @@ def discover(cfg: DiscoverConfig, *, out: Optional[Path] = None, resume: bool = 
             view, b.input_ids.to(acc.device), attention_mask=b.attention_mask.to(acc.device),
             position_ids=b.position_ids.to(acc.device), masks=full), tokenizer)
         del full
+    task = hold_out(task, cfg.select_items)
     for split in ("train", "dev", "test"):
         if not task.items(split):
             raise UserError(f"task {cfg.task!r} has no {split} items; give it more items (--n-items or a bigger file)")
@@ -110,6 +111,8 @@ def discover(cfg: DiscoverConfig, *, out: Optional[Path] = None, resume: bool = 
         "training": {"steps": trainer.step, "seconds": round(trainer.elapsed, 1),
                      "wall_seconds": round(time.perf_counter() - started, 1), "processes": acc.num_processes,
                      "best_step": None if trainer.best is None else trainer.best["step"],
+                     # what the kept sheaf was judged on: dev, or dev + the select items held out of train
+                     "best_judged": None if trainer.best is None else trainer.best.get("judged"),
                      # elements each rank holds at the end (list index = rank); shard_masks divides them by N
                      "per_rank": gather_object([footprint(params, trainer.optimizer, view)]),
                      "task_notes": task.notes},

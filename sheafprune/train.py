@@ -208,6 +208,10 @@ class Trainer:
         self.full_dev = self._scores("dev", None)
         # Seconds of one sheaf + complement dev evaluation (two passes over dev); measured at every evaluation.
         self.dev_eval_seconds = 2 * (time.perf_counter() - t0)
+        # cfg.select_items: the held-out "select" split (tasks.hold_out) judges candidates together with dev.
+        self.full_select = self._scores("select", None) if "select" in task.splits else None
+        self.pooled_weights = (answer_weights(task.items("dev") + task.items("select"), measure=True)
+                               if self.full_select is not None else None)
 
     # --- initialization ---------------------------------------------------------------------------
     def _attribution_init(self) -> bool:
@@ -305,13 +309,15 @@ class Trainer:
         rows.sort()
         return torch.tensor([r[1] for r in rows]), torch.tensor([r[2] for r in rows])
 
-    def evaluate(self, split: str, trained: tuple[str, ...], full=None) -> dict[str, float]:
+    def _split_scores(self, split: str, trained: tuple[str, ...], full=None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """(full, sheaf, complement) scores and the targets of a split; `full`: the full model's, if known."""
         full_s, target = full or self._scores(split, None)
         sheaf_s, _ = self._scores(split, self.masks())
         comp_s, _ = self._scores(split, self.masks(trained, complement=True))
-        weights = self.answer_weights.get(split)
-        return metrics_from_scores(full_s, sheaf_s, comp_s, target, split=split,
-                                   weights=None if weights is None else torch.tensor(weights))
+        return full_s, sheaf_s, comp_s, target
+
+    def evaluate(self, split: str, trained: tuple[str, ...], full=None) -> dict[str, float]:
+        return _metrics(split, self._split_scores(split, trained, full), self.answer_weights.get(split))
 
     def _local_batch(self, step: int):
         items = self.task.items("train")
@@ -408,7 +414,8 @@ class Trainer:
     def _eval_and_track(self, row: dict[str, Any], stage: Stage, local: int) -> bool:
         """After the ramp, or once within the slack of its targets, first project the sheaf onto them
         (MaskLogits.project; part of the training state, checkpointed with it); then dev metrics into `row`;
-        remember the best sheaf that meets the targets. True = stop early."""
+        remember the best sheaf that meets the targets, judged on dev, or on dev + select with cfg.select_items
+        (then also in `row["selection"]`). True = stop early."""
         last_stage = stage is self.stages[-1]
         ramp_done = local >= self._ramp_steps(stage)
         # Also project a sheaf within the 2% slack of its targets: the sheaf kept as best is never above them.
@@ -418,17 +425,26 @@ class Trainer:
                 row["projected"] = shifts
                 row["kept"] = self.params.kept(stage.trained)
         t0 = time.perf_counter()
-        dev = self.evaluate("dev", stage.trained, full=self.full_dev)
+        dev_scores = self._split_scores("dev", stage.trained, full=self.full_dev)
         self.dev_eval_seconds = time.perf_counter() - t0
-        row["dev"] = dev
-        if last_stage and self._targets_met(row["kept"]):
-            balanced = self.cfg.balance_answers
-            rank = dev_rank(dev, balanced=balanced)
-            if self.best is None or rank > self.best["rank"]:
-                self.best = {"step": row["step"], "dev_accuracy": rank[1], "rank": rank,
-                             "logits": {k: v.detach().clone() for k, v in self.params.named_logits().items()}}
-            return self.cfg.early_stop and ramp_done and sheaf_done(dev, balanced=balanced)
-        return False
+        dev = row["dev"] = _metrics("dev", dev_scores, self.answer_weights.get("dev"))
+        if not (last_stage and self._targets_met(row["kept"])):
+            return False
+        balanced = self.cfg.balance_answers
+        judged = dev
+        if self.full_select is not None:
+            # Only a sheaf whose dev reading could beat the best (judged on dev + select) is scored on the select
+            # split too; the others cannot become the best or stop the run.
+            if self.best is not None and not dev_rank(dev, balanced=balanced) > self.best["rank"]:
+                return False
+            select = self._split_scores("select", stage.trained, full=self.full_select)
+            judged = row["selection"] = _metrics("dev+select", tuple(torch.cat(pair) for pair in zip(dev_scores, select)),
+                                                 self.pooled_weights)
+        rank = dev_rank(judged, balanced=balanced)
+        if self.best is None or rank > self.best["rank"]:
+            self.best = {"step": row["step"], "dev_accuracy": rank[1], "rank": rank, "judged": judged,
+                         "logits": {k: v.detach().clone() for k, v in self.params.named_logits().items()}}
+        return self.cfg.early_stop and ramp_done and sheaf_done(judged, balanced=balanced)
 
     def _evaluate_now(self, row: dict[str, Any], stage: Stage, local: int) -> bool:
         """Every eval_every steps once a sheaf could be kept (the ramp is over or the targets are nearly met);
@@ -534,10 +550,12 @@ class Trainer:
         return stop
 
     def _closing_seconds(self) -> float:
-        """What a run still spends once it decides to stop: the closing dev evaluation, then the test evaluation
-        (full model, sheaf and complement: 1.5 dev evaluations per item), so --max-minutes bounds the whole run."""
+        """What a run still spends once it decides to stop: the closing dev evaluation (and select, if held out),
+        then the test evaluation (full model, sheaf and complement: 1.5 dev evaluations per item), so --max-minutes
+        bounds the whole run."""
         n_dev, n_test = len(self.task.items("dev")), len(self.task.items("test"))
-        return self.dev_eval_seconds * (1 + 1.5 * n_test / max(n_dev, 1))
+        n_select = len(self.task.items("select")) if self.full_select is not None else 0
+        return self.dev_eval_seconds * (1 + n_select / max(n_dev, 1) + 1.5 * n_test / max(n_dev, 1))
 
     def final_logits(self) -> dict[str, Tensor]:
         """The best dev sheaf that met the targets, else the last one (full tensors, on every rank)."""
@@ -582,7 +600,16 @@ def _postfix(row: dict[str, Any], targets: dict[str, float]) -> str:
         s += f" dev {dev['sheaf_accuracy']:.2f}/{dev['full_accuracy']:.2f}"
         if "sheaf_balanced_accuracy" in dev:
             s += f" balanced {dev['sheaf_balanced_accuracy']:.2f}/{dev['full_balanced_accuracy']:.2f}"
+    if "selection" in row:
+        sel = row["selection"]
+        key = "balanced_accuracy" if "sheaf_balanced_accuracy" in sel else "accuracy"
+        s += f" dev+select {sel[f'sheaf_{key}']:.2f}/{sel[f'full_{key}']:.2f}"
     return s
+
+
+def _metrics(split: str, scores: tuple[Tensor, Tensor, Tensor, Tensor], weights: Optional[list[float]]) -> dict:
+    """Metrics of (full, sheaf, complement, target) scores, answer-balanced ones too where `weights` are given."""
+    return metrics_from_scores(*scores, split=split, weights=None if weights is None else torch.tensor(weights))
 
 
 def write_jsonl(path: Path) -> Callable[[dict], None]:

@@ -115,6 +115,47 @@ def test_balance_answers_samples_and_selects_on_the_balanced_accuracy(tmp_path, 
     assert best["dev"][acc] == max(r["dev"][acc] for r in eligible), (best["dev"], [r["dev"][acc] for r in eligible])
 
 
+def test_select_items_are_held_out_of_training_and_judge_the_candidates(monkeypatch):
+    drawn: list[str] = []
+    original = train_module.encode
+
+    def recording(task, items, tok):
+        drawn.extend(item.prompt for item in items)
+        return original(task, items, tok)
+
+    monkeypatch.setattr(train_module, "encode", recording)
+    sheaf = discover(cfg(select_items=16, steps=24, eval_every=2, warmup=0.3, early_stop=False), progress=False)
+    from sheafprune.tasks import load_task
+    from sheafprune.models import load_model
+    train = load_task("ioi", load_model("tiny-gpt2")[1], seed=0, n=80).items("train")
+    held = {item.prompt for item in train[-16:]}
+    assert drawn and not held & set(drawn), f"{len(held & set(drawn))} held-out prompts were trained on"
+    assert sheaf.meta["training"]["task_notes"]["held_out_of_train"] == {"select": 16}
+    # Replay the rule: after the targets are met, a sheaf is scored on dev + select only if its dev reading could
+    # beat the best so far, and the best is the top of those pooled readings.
+    evals = [r for r in sheaf.curve if "dev" in r and all(r["kept"][t] <= 0.3 * 1.02 + 1e-9 for t in r["kept"])]
+    assert evals, "no evaluation met the targets"
+    best = None
+    for r in evals:
+        if best is not None and not dev_rank(r["dev"], balanced=False) > best[1]:
+            assert "selection" not in r, f"step {r['step']} was scored on select without a chance to be the best"
+            continue
+        sel = r["selection"]
+        assert sel["split"] == "dev+select" and sel["n"] == r["dev"]["n"] + 16, sel
+        if best is None or dev_rank(sel, balanced=False) > best[1]:
+            best = (r["step"], dev_rank(sel, balanced=False), sel)
+    assert sheaf.meta["training"]["best_step"] == best[0], (sheaf.meta["training"]["best_step"], best[0])
+    assert sheaf.meta["training"]["best_judged"] == best[2]
+
+
+def test_select_items_must_leave_training_items():
+    from sheafprune.errors import UserError
+    with pytest.raises(UserError, match="leave no training items"):
+        discover(cfg(select_items=64), progress=False)
+    with pytest.raises(UserError, match="non-negative"):
+        cfg(select_items=-1)
+
+
 def test_early_stop_needs_accuracy_and_a_complement_near_chance():
     dev = dict(full_accuracy=0.79, sheaf_accuracy=0.80, complement_accuracy=0.55, chance=0.5,
                full_balanced_accuracy=0.81, sheaf_balanced_accuracy=0.70, complement_balanced_accuracy=0.5)

@@ -94,7 +94,7 @@ def _interrupt_once(monkeypatch, owner, name: str, *, at_call: int, before: bool
 # fourth optimizer step, evaluated and checkpointed at its end. Ctrl-C in a forward pass is the next test.
 POINTS = {
     "between optimizer step and dual step of step 3": (MaskLogits, "dual_step", 4, True),
-    "dev evaluation after step 4": (train.Trainer, "evaluate", 2, True),
+    "dev evaluation after step 4": (train.Trainer, "_split_scores", 2, True),
     "writing the checkpoint of step 4": (ckpt, "save_file", 2, False),
 }
 

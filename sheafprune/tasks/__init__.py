@@ -9,6 +9,7 @@ from sheafprune.tasks.base import (
     drop_first_token_collisions,
     encode,
     filter_correct,
+    hold_out,
     make_splits,
     score,
 )
@@ -24,6 +25,7 @@ __all__ = [
     "drop_first_token_collisions",
     "encode",
     "filter_correct",
+    "hold_out",
     "list_tasks",
     "load_task",
     "make_splits",

@@ -19,6 +19,8 @@ from typing import Any
 
 import torch
 
+from sheafprune.errors import UserError
+
 SPLITS = ("train", "dev", "test")
 SPLIT_FRACTIONS = (0.8, 0.1, 0.1)
 # lm-eval joins an (empty) context and each multiple-choice continuation with its default
@@ -105,6 +107,19 @@ def make_splits(
     n_train = len(order) - n_dev - n_test
     cuts = {"train": order[:n_train], "dev": order[n_train : n_train + n_dev], "test": order[n_train + n_dev :]}
     return {split: [item for key in cut for item in units[key]] for split, cut in cuts.items()}
+
+
+def hold_out(task: Task, n: int, *, split: str = "select") -> Task:
+    """Move the last `n` training items (the split is already a seeded shuffle) to a new split `split`: items
+    that training never sees, for judging candidate sheaves on more than the dev split (config select_items)."""
+    train = task.items("train")
+    if n <= 0:
+        return task
+    if n >= len(train):
+        raise UserError(f"select_items={n} would leave no training items (the train split has {len(train)}); "
+                        f"use fewer than {len(train)}")
+    splits = {**task.splits, "train": train[:-n], split: train[-n:]}
+    return dataclasses.replace(task, splits=splits, notes={**task.notes, "held_out_of_train": {split: n}})
 
 
 def answer_weights(items: Sequence[Item], *, measure: bool = False) -> list[float] | None:

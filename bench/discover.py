@@ -44,6 +44,8 @@ RUNS = {
     # Session 5: each alone on both cores (--jobs 1), 150 steps. IOI on 1000 generated items (dev and test 100 each).
     "ioi-select": ["--model", "smollm2-135m", "--task", "ioi", *JOINT, "--steps", "150", "--n-items", "1000",
                    "--config", str(CONFIGS / "ioi-select.yaml")],
+    "ioi-nsgd": ["--model", "smollm2-135m", "--task", "ioi", *JOINT, "--steps", "130", "--n-items", "1000",
+                 "--config", str(CONFIGS / "ioi-nsgd.yaml")],
     "ioi-staged": ["--model", "smollm2-135m", "--task", "ioi", "--schedule", "staged", "--granularity",
                    "weight,edge", "--steps", "50", "--batch-size", "16", "--eval-every", "5", *BUDGET],
 }

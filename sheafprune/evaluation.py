@@ -392,6 +392,9 @@ def format_report(report: dict) -> str:
         for task, m in by_task.items():
             lines.append(f"{task:<{width}}  {m['n']:>5} {m['full_accuracy']:6.3f} {m['sheaf_accuracy']:6.3f} "
                          f"{m['complement_accuracy']:6.3f} {m['accuracy_kept']:7.1%} {m['kl']:15.4f}")
+            if "sheaf_balanced_accuracy" in m:  # skewed answers: a fixed order of the answer tokens scores chance here
+                lines.append(f"{'  answer-balanced':<{width}}  {'':>5} {m['full_balanced_accuracy']:6.3f} "
+                             f"{m['sheaf_balanced_accuracy']:6.3f} {m['complement_balanced_accuracy']:6.3f}")
     elif report.get("export"):
         lines.append("sheaf metrics: none (the export folder has no sheaf/ subfolder)")
     return "\n".join(lines)

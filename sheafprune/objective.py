@@ -15,7 +15,7 @@ from torch import Tensor
 
 from .arch import ArchView
 from .masked import masked_forward
-from .tasks import Batch, Task, encode, score
+from .tasks import Batch, Task, answer_weights, encode, score
 
 
 def task_scores(view: ArchView, batch: Batch, masks: Optional[Mapping[str, Tensor]]) -> Tensor:
@@ -79,13 +79,16 @@ def sheaf_metrics(view: ArchView, tokenizer, task: Task, masks: Mapping[str, Ten
                   full: Optional[tuple[Tensor, Tensor]] = None, device=None) -> dict:
     """Accuracy of full model, sheaf and complement, KL(sheaf || full), and the share of accuracy kept.
 
-    `full` may pass precomputed (scores, targets) of the full model on this split.
+    `full` may pass precomputed (scores, targets) of the full model on this split. Where the split's answers are
+    skewed (tasks.answer_weights), the answer-balanced accuracies too.
     """
     kw = dict(split=split, batch_size=batch_size, device=device)
     full_s, target = full if full is not None else split_scores(view, tokenizer, task, None, **kw)
     sheaf_s, _ = split_scores(view, tokenizer, task, masks, **kw)
     comp_s, _ = split_scores(view, tokenizer, task, complement, **kw)
-    return metrics_from_scores(full_s, sheaf_s, comp_s, target, split=split)
+    weights = answer_weights(task.items(split), measure=True)
+    return metrics_from_scores(full_s, sheaf_s, comp_s, target, split=split,
+                               weights=None if weights is None else torch.tensor(weights))
 
 
 def metrics_from_scores(full: Tensor, sheaf: Tensor, complement: Tensor, target: Tensor, *, split: str,

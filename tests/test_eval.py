@@ -145,3 +145,28 @@ def test_smollm2_blimp_matches_stock_lm_eval():
     """DESIGN.md section 4: stock lm-eval scores SmolLM2-135M at 78.1% on this paradigm."""
     report = evaluate("smollm2-135m", tasks=[f"blimp_{PARADIGM}"], batch_size=32)
     assert _acc(report, f"blimp_{PARADIGM}") == pytest.approx(0.781, abs=0.005)
+
+
+def test_sheaf_metrics_add_the_answer_balanced_accuracy_where_answers_are_skewed(tmp_path):
+    from sheafprune.objective import sheaf_metrics, split_scores
+    from sheafprune.tasks import answer_weights, load_task
+
+    # Two-way items whose right answer is " yes" 3 times in 4.
+    rows = [{"prompt": f"Item {i} is", "good": " yes" if i % 4 else " no", "bad": " no" if i % 4 else " yes"}
+            for i in range(200)]
+    path = tmp_path / "items.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    model, tok = load_model("tiny-gpt2")
+    view = view_of(model)
+    task = load_task(f"jsonl:{path}", tok, seed=0)
+    shapes = mask_shapes(view, ["edge"])
+    m = sheaf_metrics(view, tok, task, {k: torch.ones(s) for k, s in shapes.items()},
+                      {k: torch.zeros(s) for k, s in shapes.items()}, split="test")
+    weights = torch.tensor(answer_weights(task.items("test"), measure=True))
+    scores, target = split_scores(view, tok, task, None, split="test")
+    right = (scores.argmax(-1) == target).float()
+    expected = float((right * weights).sum() / weights.sum())
+    assert m["full_balanced_accuracy"] == pytest.approx(expected, abs=1e-6), (m, expected)
+    assert m["sheaf_balanced_accuracy"] == pytest.approx(expected, abs=1e-6), "the all-ones sheaf is the full model"
+    assert m["full_balanced_accuracy"] != pytest.approx(m["full_accuracy"], abs=1e-3), \
+        f"raw {m['full_accuracy']} = balanced {m['full_balanced_accuracy']}: this model would not test the weights"

@@ -46,6 +46,8 @@ RUNS = {
                    "--config", str(CONFIGS / "ioi-select.yaml")],
     "ioi-nsgd": ["--model", "smollm2-135m", "--task", "ioi", *JOINT, "--steps", "130", "--n-items", "1000",
                  "--config", str(CONFIGS / "ioi-nsgd.yaml")],
+    "ioi-sharp": ["--model", "smollm2-135m", "--task", "ioi", *JOINT, "--steps", "130", "--n-items", "1000",
+                  "--config", str(CONFIGS / "ioi-sharp.yaml")],
     "ioi-staged": ["--model", "smollm2-135m", "--task", "ioi", "--schedule", "staged", "--granularity",
                    "weight,edge", "--steps", "50", "--batch-size", "16", "--eval-every", "5", *BUDGET],
 }

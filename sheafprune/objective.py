@@ -7,7 +7,7 @@ tasks, the sentences' total log-probabilities for whole-sentence pairs.
 
 from __future__ import annotations
 
-from typing import Mapping, Optional
+from typing import Mapping, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -86,21 +86,21 @@ def sheaf_metrics(view: ArchView, tokenizer, task: Task, masks: Mapping[str, Ten
     full_s, target = full if full is not None else split_scores(view, tokenizer, task, None, **kw)
     sheaf_s, _ = split_scores(view, tokenizer, task, masks, **kw)
     comp_s, _ = split_scores(view, tokenizer, task, complement, **kw)
-    weights = answer_weights(task.items(split), measure=True)
     return metrics_from_scores(full_s, sheaf_s, comp_s, target, split=split,
-                               weights=None if weights is None else torch.tensor(weights))
+                               weights=answer_weights(task.items(split), measure=True))
 
 
 def metrics_from_scores(full: Tensor, sheaf: Tensor, complement: Tensor, target: Tensor, *, split: str,
-                        weights: Optional[Tensor] = None) -> dict:
+                        weights: Optional[Sequence[float]] = None) -> dict:
     """The reported metrics from the candidate scores (n, C) of full model, sheaf and complement.
 
     With `weights` (tasks.answer_weights of the split) also the answer-balanced accuracies, on which a fixed
     preference among the answer tokens scores chance.
     """
     full_acc, sheaf_acc = accuracy(full, target), accuracy(sheaf, target)
-    balanced = {} if weights is None else {
-        f"{name}_balanced_accuracy": accuracy(s, target, weights)
+    w = None if weights is None else torch.as_tensor(weights, dtype=torch.float32)
+    balanced = {} if w is None else {
+        f"{name}_balanced_accuracy": accuracy(s, target, w)
         for name, s in (("full", full), ("sheaf", sheaf), ("complement", complement))}
     return {
         "split": split, "n": int(target.numel()),

@@ -609,7 +609,7 @@ def _postfix(row: dict[str, Any], targets: dict[str, float]) -> str:
 
 def _metrics(split: str, scores: tuple[Tensor, Tensor, Tensor, Tensor], weights: Optional[list[float]]) -> dict:
     """Metrics of (full, sheaf, complement, target) scores, answer-balanced ones too where `weights` are given."""
-    return metrics_from_scores(*scores, split=split, weights=None if weights is None else torch.tensor(weights))
+    return metrics_from_scores(*scores, split=split, weights=weights)
 
 
 def write_jsonl(path: Path) -> Callable[[dict], None]:

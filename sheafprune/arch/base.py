@@ -98,13 +98,22 @@ class ArchView:
         """(B, T) -> (B, T, D): the `in` writer."""
         raise NotImplementedError
 
-    def norm(self, site: str, layer: int, x: Tensor) -> Tensor:
-        """The pre-`site` ("attn" | "mlp") norm of `layer`, over the last dim of x (..., D)."""
+    def norm_module(self, site: str, layer: int) -> nn.Module:
+        """The pre-`site` ("attn" | "mlp") norm of `layer`, or the "final" norm (layer ignored): a LayerNorm or
+        an RMSNorm with `.weight` (and LayerNorm's `.bias`), over the last dim."""
         raise NotImplementedError
+
+    def norm(self, site: str, layer: int, x: Tensor) -> Tensor:
+        """The pre-`site` ("attn" | "mlp" | "final") norm of `layer`, over the last dim of x (..., D)."""
+        return self.norm_module(site, layer)(x)
+
+    def head(self, y: Tensor) -> Tensor:
+        """(B, T, D) normed -> (B, T, V): the LM head."""
+        return self.model.lm_head(y)
 
     def unembed(self, x: Tensor) -> Tensor:
         """(B, T, D) -> (B, T, V): final norm and LM head."""
-        raise NotImplementedError
+        return self.head(self.norm("final", -1, x))
 
     def rope(self, x: Tensor, position_ids: Tensor) -> Optional[tuple[Tensor, Tensor]]:
         """(cos, sin), each (B, T, hd), for rotary families; None otherwise."""

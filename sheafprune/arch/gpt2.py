@@ -58,9 +58,8 @@ class GPT2View(ArchView):
         t = self.model.transformer
         return t.wte(input_ids) + t.wpe(position_ids)  # (B, T, D)
 
-    def norm(self, site: str, layer: int, x: Tensor) -> Tensor:
+    def norm_module(self, site: str, layer: int) -> nn.Module:
+        if site == "final":
+            return self.model.transformer.ln_f
         block = self.model.transformer.h[layer]
-        return (block.ln_1 if site == "attn" else block.ln_2)(x)
-
-    def unembed(self, x: Tensor) -> Tensor:
-        return self.model.lm_head(self.model.transformer.ln_f(x))
+        return block.ln_1 if site == "attn" else block.ln_2

@@ -65,12 +65,11 @@ class LlamaView(ArchView):
     def embed(self, input_ids: Tensor, position_ids: Tensor) -> Tensor:
         return self.model.model.embed_tokens(input_ids)  # (B, T, D)
 
-    def norm(self, site: str, layer: int, x: Tensor) -> Tensor:
+    def norm_module(self, site: str, layer: int) -> nn.Module:
+        if site == "final":
+            return self.model.model.norm
         block = self.model.model.layers[layer]
-        return (block.input_layernorm if site == "attn" else block.post_attention_layernorm)(x)
-
-    def unembed(self, x: Tensor) -> Tensor:
-        return self.model.lm_head(self.model.model.norm(x))
+        return block.input_layernorm if site == "attn" else block.post_attention_layernorm
 
     def rope(self, x: Tensor, position_ids: Tensor) -> tuple[Tensor, Tensor]:
         return self.model.model.rotary_emb(x, position_ids)  # each (B, T, hd)

@@ -43,6 +43,15 @@ class _Stack:
         self.S: Optional[Tensor] = None
         self.G: Optional[Tensor] = None
         self.rows = 0
+        self._stats: Optional[tuple[Tensor, Tensor]] = None  # row_stats, once per pass
+
+    def row_stats(self, d: int) -> tuple[Tensor, Tensor]:
+        """Squared norm and mean over D of every writer output at every position, (n_writers, B*T) each; computed
+        once, in backward (when every row is written), for all the secant taps of the pass."""
+        if self._stats is None:
+            rows = self.S.view(self.S.shape[0], -1, d)
+            self._stats = ((rows * rows).sum(-1), rows.mean(-1))
+        return self._stats
 
     def grad_rows(self, start: int, stop: int) -> Tensor:
         if self.G is None:
@@ -84,6 +93,66 @@ class _Read(torch.autograd.Function):
         return (grad_mask, None, *zeros)
 
 
+def flip_effects(g: Tensor, x: Tensor, o: Tensor, mask: Tensor, gamma: Tensor, eps: float, *, centered: bool,
+                 o_stats: Optional[tuple[Tensor, Tensor]] = None) -> Tensor:
+    """Secant gradient of a group of R readers' edge mask (W, R) through the readers' norm.
+
+    g (R, N, D): gradient of the loss w.r.t. the normed inputs y_r = norm(x_r); x (R, N, D): the readers' inputs
+    (masked sums of writers); o (W, N, D): the writers' outputs; gamma (D,): the norm's scale. For each edge w -> r
+    the input after flipping the edge is x_r - o_w if kept (mask 1), x_r + o_w if not (mask 0); the flip's effect
+    on the loss is taken exactly through the norm and to first order after it:
+        delta[w, r] = sum over positions of g_r . (norm(x_r +- o_w) - norm(x_r)).
+    Returned as L(mask 1) - L(mask 0), i.e. -delta for a kept edge and +delta for a removed one, which is what the
+    straight-through gradient dL/dmask estimates to first order at the current mask. The plain gradient misses
+    what a zero-ablated edge does to its reader's scale: a writer that dominates its reader's input (SmolLM2's m11
+    writes activations of ~2e4 into one dimension) has dL/dmask ~ 0 at mask 1, because the norm undoes a scaling of
+    the dominant part, yet removing it changes the reader's input completely.
+    Every term is a dot product over D, so the cost is that of the plain gradient's matmul, a few times over.
+    `centered`: LayerNorm (subtracts the mean; its bias cancels in the difference); else RMSNorm. `o_stats`: the
+    writers' squared norms and means per position, (W, N) each, if already known (_Stack.row_stats)."""
+    d, r = x.shape[-1], x.shape[0]
+    gg = g * gamma  # (R, N, D)
+    s = (1.0 - 2.0 * mask).t()[:, :, None]  # (R, W, 1): -1 removes a kept edge, +1 adds a removed one
+    go, xo = torch.einsum("rnd,wnd->rwn", torch.cat([gg, x]), o).split(r)  # one pass over o for both
+    o2, mo = o_stats if o_stats is not None else ((o * o).sum(-1), o.mean(-1))  # (W, N) each
+    gx, x2 = (gg * x).sum(-1), (x * x).sum(-1)  # (R, N) each
+    x2_new = x2[:, None] + 2 * s * xo + o2[None]  # (R, W, N)
+    if centered:
+        sg, mx = gg.sum(-1), x.mean(-1)  # (R, N) each
+        m_new = mx[:, None] + s * mo[None]
+        before = (gx - mx * sg) / (x2 / d - mx * mx + eps).clamp_min(eps).sqrt()
+        after = (gx[:, None] + s * go - m_new * sg[:, None]) / (x2_new / d - m_new * m_new + eps).clamp_min(eps).sqrt()
+    else:
+        before = gx / (x2 / d + eps).sqrt()
+        after = (gx[:, None] + s * go) / (x2_new / d + eps).clamp_min(eps).sqrt()
+    delta = (after - before[:, None]).sum(-1)  # (R, W)
+    return (s[..., 0] * delta).t()  # (W, R)
+
+
+class _SecantTap(torch.autograd.Function):
+    """Identity on the normed inputs y (R, B, T, D) of one group of readers; in backward it hands their edge mask
+    the secant gradient of `flip_effects` (the mask is read with its own gradient detached, see _Stream.read_normed)."""
+
+    @staticmethod
+    def forward(ctx, y: Tensor, mask: Tensor, x: Tensor, stack: "_Stack", gamma: Tensor, eps: float,
+                centered: bool) -> Tensor:
+        ctx.save_for_backward(mask, x, gamma)
+        ctx.stack, ctx.eps, ctx.centered = stack, eps, centered
+        return y.view_as(y)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        mask, x, gamma = ctx.saved_tensors
+        w, r, d = mask.shape[0], mask.shape[1], x.shape[-1]
+        grad_mask = None
+        if ctx.needs_input_grad[1]:
+            o = ctx.stack.S[:w].reshape(w, -1, d)
+            sq, mean = ctx.stack.row_stats(d)
+            grad_mask = flip_effects(grad.reshape(r, -1, d), x.reshape(r, -1, d), o, mask, gamma, ctx.eps,
+                                     centered=ctx.centered, o_stats=(sq[:w], mean[:w])).to(mask.dtype)
+        return grad, grad_mask, None, None, None, None, None
+
+
 class _Stream:
     """The residual stream: writer outputs in a _Stack when edges are masked, and always their plain sum."""
 
@@ -110,6 +179,23 @@ class _Stream:
         out = _Read.apply(m, self.stack, *self.tokens).reshape(m.shape[1], *self.shape)  # (R, B, T, D)
         return out[0] if single else out
 
+    def read_normed(self, mask: Optional[Tensor], norm: torch.nn.Module, *, secant: bool) -> Tensor:
+        """norm(read(mask)); with `secant`, the mask's gradient is flip_effects' secant instead of dL/dmask."""
+        if mask is None or not secant or not mask.requires_grad:
+            return norm(self.read(mask))
+        x = self.read(mask.detach())
+        single = mask.dim() == 1
+        m = (mask.unsqueeze(1) if single else mask).to(self.stack.S.dtype)
+        xs = x.unsqueeze(0) if single else x
+        y = _SecantTap.apply(norm(xs), m, xs.detach(), self.stack, norm.weight.detach(), _norm_eps(norm),
+                             isinstance(norm, torch.nn.LayerNorm))
+        return y[0] if single else y
+
+
+def _norm_eps(norm: torch.nn.Module) -> float:
+    eps = getattr(norm, "eps", None)
+    return float(eps if eps is not None else norm.variance_epsilon)  # LayerNorm: eps; HF RMSNorms: variance_epsilon
+
 
 def default_position_ids(attention_mask: Tensor) -> Tensor:
     """Positions that count only real tokens, so a left-padded prompt sees the positions it would unpadded."""
@@ -126,12 +212,13 @@ def _attn_bias(attention_mask: Tensor, dtype: torch.dtype) -> Tensor:
     return bias.masked_fill(~allowed[:, None], torch.finfo(dtype).min)
 
 
-def _read_qkv(stream: _Stream, masks: Masks, layer: int, n_heads: int, n_kv: int) -> tuple[Tensor, Tensor, Tensor]:
-    """The q, k and v readers of one layer in a single stack read when all three are edge-masked."""
+def _read_qkv(stream: _Stream, masks: Masks, layer: int, n_heads: int, n_kv: int, norm: torch.nn.Module,
+              secant: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """The normed q, k and v reader inputs of one layer, in a single stack read when all three are edge-masked."""
     mq, mk, mv = (masks.get(f"edge/{layer}/{s}") for s in "qkv")
     if mq is None or mk is None or mv is None:
-        return stream.read(mq), stream.read(mk), stream.read(mv)
-    x = stream.read(torch.cat([mq, mk, mv], dim=1))  # (H + 2 KV, B, T, D)
+        return tuple(stream.read_normed(m, norm, secant=secant) for m in (mq, mk, mv))
+    x = stream.read_normed(torch.cat([mq, mk, mv], dim=1), norm, secant=secant)  # (H + 2 KV, B, T, D)
     return x[:n_heads], x[n_heads:n_heads + n_kv], x[n_heads + n_kv:]
 
 
@@ -159,10 +246,15 @@ def masked_forward(
     position_ids: Optional[Tensor] = None,
     masks: Optional[Masks] = None,
     last_only: bool = False,
+    edge_grad: str = "gradient",
 ) -> Tensor:
     """Logits (B, T, V) of `view.model` on `input_ids` (B, T) under `masks`; (B, 1, V) with `last_only`
-    (a next-token task reads only the last position, and the unembedding is the largest matmul)."""
+    (a next-token task reads only the last position, and the unembedding is the largest matmul).
+    `edge_grad`: "gradient" (autograd's dL/dmask) or "secant" for the edge masks (flip_effects)."""
     masks = masks or {}
+    if edge_grad not in ("gradient", "secant"):
+        raise ValueError(f"edge_grad must be 'gradient' or 'secant', got {edge_grad!r}")
+    secant = edge_grad == "secant"
     spec = view.spec
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
@@ -186,10 +278,11 @@ def masked_forward(
 
     for layer in range(spec.n_layers):
         a = view.attn(layer, w)
-        xq, xk, xv = _read_qkv(stream, masks, layer, spec.n_heads, spec.n_kv_heads)  # (R, B, T, D) each
-        q = _apply_rope(_linear_heads(view.norm("attn", layer, xq), a.wq, a.bq), rope)  # (H, B, T, hd)
-        k = _apply_rope(_linear_heads(view.norm("attn", layer, xk), a.wk, a.bk), rope)  # (KV, B, T, hd)
-        v = _linear_heads(view.norm("attn", layer, xv), a.wv, a.bv)  # (KV, B, T, hd)
+        yq, yk, yv = _read_qkv(stream, masks, layer, spec.n_heads, spec.n_kv_heads, view.norm_module("attn", layer),
+                               secant)  # normed, (R, B, T, D) each
+        q = _apply_rope(_linear_heads(yq, a.wq, a.bq), rope)  # (H, B, T, hd)
+        k = _apply_rope(_linear_heads(yk, a.wk, a.bk), rope)  # (KV, B, T, hd)
+        v = _linear_heads(yv, a.wv, a.bv)  # (KV, B, T, hd)
         k, v = k.repeat_interleave(group, dim=0), v.repeat_interleave(group, dim=0)  # (H, B, T, hd)
         z = F.scaled_dot_product_attention(
             q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=bias, scale=spec.attn_scale
@@ -204,7 +297,8 @@ def masked_forward(
         stream.add(heads)
 
         m = view.mlp(layer, w)
-        xm = view.norm("mlp", layer, stream.read(masks.get(f"edge/{layer}/mlp")))  # (B, T, D) or (1, B, T, D)
+        xm = stream.read_normed(masks.get(f"edge/{layer}/mlp"), view.norm_module("mlp", layer),
+                                secant=secant)  # (B, T, D) or (1, B, T, D)
         hidden = xm @ m.w_in + (m.b_in if m.b_in is not None else 0)  # (..., B, T, I)
         if m.w_gate is not None:
             hidden = view.act(xm @ m.w_gate + (m.b_gate if m.b_gate is not None else 0)) * hidden
@@ -216,7 +310,11 @@ def masked_forward(
         out = hidden @ m.w_out + (m.b_out if m.b_out is not None else 0)  # (..., B, T, D)
         stream.add(out.reshape(1, bsz, t, -1))
 
-    final = stream.read(masks.get("edge/out")).reshape(bsz, t, -1)  # (B, T, D)
+    mask_out = masks.get("edge/out")
+    if secant and mask_out is not None and mask_out.requires_grad:  # the tap needs the normed stream at every position
+        final = stream.read_normed(mask_out, view.norm_module("final", -1), secant=True).reshape(bsz, t, -1)
+        return view.head(final[:, -1:] if last_only else final)
+    final = stream.read(mask_out).reshape(bsz, t, -1)  # (B, T, D)
     return view.unembed(final[:, -1:] if last_only else final)  # (B, T, V) or (B, 1, V)
 
 

@@ -18,10 +18,11 @@ from .masked import masked_forward
 from .tasks import Batch, Task, answer_weights, encode, score
 
 
-def task_scores(view: ArchView, batch: Batch, masks: Optional[Mapping[str, Tensor]]) -> Tensor:
+def task_scores(view: ArchView, batch: Batch, masks: Optional[Mapping[str, Tensor]], *,
+                edge_grad: str = "gradient") -> Tensor:
     logits = masked_forward(view, batch.input_ids, attention_mask=batch.attention_mask,
-                            position_ids=batch.position_ids, masks=masks,
-                            last_only=batch.kind == "choice")  # (N, T or 1, V)
+                            position_ids=batch.position_ids, masks=masks, last_only=batch.kind == "choice",
+                            edge_grad=edge_grad)  # (N, T or 1, V)
     return score(logits, batch)  # (B, C)
 
 

@@ -259,3 +259,72 @@ def test_edge_mask_gradients_equal_reference(model):
     d = max((grads[0][k] - grads[1][k]).abs().max().item() for k in base)
     scale = max(grads[1][k].abs().max().item() for k in base)
     assert d <= 1e-4 * max(scale, 1.0), f"edge-mask gradients vs reference: max diff {d:.3g} (scale {scale:.3g})"
+
+
+@pytest.mark.parametrize("norm", ["rmsnorm", "layernorm"])
+def test_flip_effects_equal_explicit_norm(norm):
+    """flip_effects' dot-product form equals g . (norm(x -+ o_w) - norm(x)) computed with the norm module itself,
+    including writers far larger than the rest of the input (the case the plain gradient gets wrong)."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    from sheafprune.masked import _norm_eps, flip_effects
+
+    torch.manual_seed(0)
+    d, r, w, n = 8, 3, 5, 4
+    mod = LlamaRMSNorm(d, eps=1e-6) if norm == "rmsnorm" else torch.nn.LayerNorm(d)
+    with torch.no_grad():
+        mod.weight.uniform_(0.5, 1.5)
+    o = torch.randn(w, n, d) * torch.tensor([1.0, 100.0, 0.1, 3.0, 1.0])[:, None, None]
+    mask = (torch.rand(w, r) > 0.4).float()
+    x = torch.einsum("wr,wnd->rnd", mask, o)
+    g = torch.randn(r, n, d)
+    got = flip_effects(g, x, o, mask, mod.weight.detach(), _norm_eps(mod), centered=norm == "layernorm")
+    ref = torch.zeros(w, r)
+    with torch.no_grad():
+        for i in range(w):
+            for j in range(r):
+                s = 1 - 2 * mask[i, j]
+                ref[i, j] = s * (g[j] * (mod(x[j] + s * o[i]) - mod(x[j]))).sum()
+    diff = (got - ref).abs().max().item()
+    # 1e-3: |x -+ o|^2 is formed as |x|^2 -+ 2 x.o + |o|^2, which cancels in fp32 when one writer is 100x the rest
+    assert diff <= 1e-3 * ref.abs().max().item(), f"flip_effects vs explicit norm: max diff {diff:.3g}"
+
+
+def test_secant_edge_grad(model):
+    """edge_grad="secant" changes only the edge masks' gradients: same logits, same weight-mask gradients, and for
+    the output reader (linear after its norm, so the secant is exact) L(mask 1) - L(mask 0) of each edge."""
+    ids, am = _inputs(True)
+    view = view_of(model)
+    g = torch.Generator().manual_seed(5)
+    shapes = mask_shapes(view, ("weight", "edge"))
+    base = {k: (torch.rand(s, generator=g) < 0.7).float() for k, s in shapes.items()}
+    c = torch.randn(model.config.vocab_size, generator=g)
+
+    def loss(logits):
+        return (logits[am.bool()] @ c).sum()
+
+    runs = {}
+    for mode in ("gradient", "secant"):
+        masks = {k: v.clone().requires_grad_(True) for k, v in base.items()}
+        logits = masked_forward(view, ids, attention_mask=am, masks=masks, edge_grad=mode)
+        loss(logits).backward()
+        runs[mode] = (logits.detach(), {k: m.grad for k, m in masks.items()})
+    d = (runs["gradient"][0] - runs["secant"][0]).abs().max().item()
+    assert d == 0.0, f"logits differ between edge_grad modes: max diff {d:.3g}"
+    dw = max((runs["gradient"][1][k] - runs["secant"][1][k]).abs().max().item() for k in base if k.startswith("w/"))
+    assert dw == 0.0, f"weight-mask gradients differ between edge_grad modes: max diff {dw:.3g}"
+    with torch.no_grad():
+        now = loss(masked_forward(view, ids, attention_mask=am, masks=base))
+        flips = []
+        for i in range(base["edge/out"].numel()):
+            flipped = base["edge/out"].clone()
+            flipped[i] = 1 - flipped[i]
+            after = loss(masked_forward(view, ids, attention_mask=am, masks={**base, "edge/out": flipped}))
+            flips.append(float(now - after) if base["edge/out"][i] == 1 else float(after - now))
+    ref = torch.tensor(flips)
+    got = runs["secant"][1]["edge/out"]
+    diff = (got - ref).abs().max().item()
+    assert diff <= 1e-3 * max(ref.abs().max().item(), 1.0), f"secant vs exact flips of edge/out: max diff {diff:.3g}"
+    inner = [k for k in base if k.startswith("edge/") and k != "edge/out"]
+    assert all(torch.isfinite(runs["secant"][1][k]).all() for k in inner)
+    assert any((runs["secant"][1][k] - runs["gradient"][1][k]).abs().max() > 1e-6 for k in inner)

@@ -22,6 +22,7 @@ INITS = ("attribution", "constant")
 CONTROLS = ("kept", "expected", "project")
 RAMPS = ("linear", "cubic")
 OPTIMIZERS = ("adamw", "nsgd", "mixed")
+EDGE_GRADS = ("gradient", "secant")
 
 _FLOATS = ("lr", "adam_beta2", "dual_lr", "lambda_complete", "warmup", "tau_weight", "tau_edge", "init_mean", "init_std",
            "noise_start", "noise_final", "init_spread")
@@ -47,6 +48,11 @@ class DiscoverConfig:
     # spike of any size moves a logit by ~6 lr); "mixed": nsgd for the weight masks, AdamW for the others (few,
     # coarse units whose gradients a handful of massive-activation writers dominate).
     optimizer: str = "adamw"
+    # What the edge masks' straight-through estimator uses for dL/dmask: "gradient", autograd's (DiscoGP's), or
+    # "secant", the loss change of flipping the edge taken exactly through its reader's norm and to first order
+    # after it (masked.flip_effects): a writer that dominates its reader's input has a gradient of ~0 at mask 1
+    # (the norm undoes its scaling) yet breaks the reader when zero-ablated.
+    edge_grad: str = "gradient"
     adam_beta2: float = 0.9  # shorter memory than 0.999: straight-through gradients of tau=0.01 gates are rare spikes
     # What the density controller holds at the target: "kept", the deterministic sheaf's density (logit > 0),
     # or "expected", the mean P(keep) of the masks sampled at the current noise scale (maskparams.py); "project"
@@ -122,6 +128,8 @@ class DiscoverConfig:
             raise UserError(f"unknown control {self.control!r}; use one of {', '.join(CONTROLS)}")
         if self.optimizer not in OPTIMIZERS:
             raise UserError(f"unknown optimizer {self.optimizer!r}; use one of {', '.join(OPTIMIZERS)}")
+        if self.edge_grad not in EDGE_GRADS:
+            raise UserError(f"unknown edge_grad {self.edge_grad!r}; use one of {', '.join(EDGE_GRADS)}")
         if self.ramp not in RAMPS:
             raise UserError(f"unknown ramp {self.ramp!r}; use one of {', '.join(RAMPS)}")
         if self.init not in INITS:

@@ -231,7 +231,8 @@ class Trainer:
 
         The score of a mask entry is |dL/dm| at m = 1 (the full model), L the faithfulness loss, summed over
         cfg.init_batches training batches: the first-order change of the loss if that entry alone were removed
-        (for edges this is edge attribution patching with zero ablation). Every rank scores its slice of the
+        (for edges this is edge attribution patching with zero ablation; with cfg.edge_grad "secant", the
+        removal's effect taken exactly through the reader's norm). Every rank scores its slice of the
         same global batches and the scores are all-reduced, so the logits are identical on every rank.
         """
         if not self._attribution_init():
@@ -242,7 +243,8 @@ class Trainer:
         ones = {k: torch.ones(shape, device=self.device, requires_grad=True) for k, shape in shapes.items()}
         for b in tqdm(range(self.cfg.init_batches), desc="attribution", disable=not self.progress, leave=False):
             batch = self._local_batch(b)
-            faithfulness(task_scores(self.view, batch, self.params.for_forward(ones)), batch.target).backward()
+            faithfulness(task_scores(self.view, batch, self.params.for_forward(ones), edge_grad=self.cfg.edge_grad),
+                         batch.target).backward()
         scores = {}
         for k, m in ones.items():
             g = m.grad if m.grad is not None else torch.zeros_like(m)
@@ -358,11 +360,11 @@ class Trainer:
                                         noise_seed=self.cfg.seed * 1_000_003 + self.step, noise_scale=scale,
                                         frozen_masks=frozen)
         batch = self._local_batch(self.step)
-        scores = task_scores(self.view, batch, masks)
+        scores = task_scores(self.view, batch, masks, edge_grad=self.cfg.edge_grad)
         if self.cfg.debias_tokens and batch.kind == "choice":
             scores = debias_tokens(scores, batch.cand_ids)
         faith = faithfulness(scores, batch.target)
-        complete = completeness(task_scores(self.view, batch, comp))
+        complete = completeness(task_scores(self.view, batch, comp, edge_grad=self.cfg.edge_grad))
         targets = self._targets_now(stage, local)
         if stage.sparsity == "controller":
             # Targeted types are pulled by the controller's drift (maskparams); the others get DiscoGP's

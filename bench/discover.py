@@ -48,6 +48,9 @@ RUNS = {
                  "--config", str(CONFIGS / "ioi-nsgd.yaml")],
     "ioi-sharp": ["--model", "smollm2-135m", "--task", "ioi", *JOINT, "--steps", "130", "--n-items", "1000",
                   "--config", str(CONFIGS / "ioi-sharp.yaml")],
+    # Session 6: ioi-nsgd with the edge masks' secant estimator (edge_grad: secant), alone.
+    "ioi-secant": ["--model", "smollm2-135m", "--task", "ioi", *JOINT, "--steps", "130", "--n-items", "1000",
+                   "--config", str(CONFIGS / "ioi-secant.yaml")],
     "ioi-staged": ["--model", "smollm2-135m", "--task", "ioi", "--schedule", "staged", "--granularity",
                    "weight,edge", "--steps", "50", "--batch-size", "16", "--eval-every", "5", *BUDGET],
 }

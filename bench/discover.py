@@ -51,6 +51,10 @@ RUNS = {
     # Session 6: ioi-nsgd with the edge masks' secant estimator (edge_grad: secant), alone.
     "ioi-secant": ["--model", "smollm2-135m", "--task", "ioi", *JOINT, "--steps", "130", "--n-items", "1000",
                    "--config", str(CONFIGS / "ioi-secant.yaml")],
+    "ioi-joint-secant": ["--model", "smollm2-135m", "--task", "ioi", *JOINT,
+                         "--config", str(CONFIGS / "ioi-joint-secant.yaml")],
+    "anaphor-secant": ["--model", "smollm2-135m", "--task", "blimp/anaphor_gender_agreement", *JOINT,
+                       "--steps", "150", "--config", str(CONFIGS / "anaphor-secant.yaml")],
     "ioi-staged": ["--model", "smollm2-135m", "--task", "ioi", "--schedule", "staged", "--granularity",
                    "weight,edge", "--steps", "50", "--batch-size", "16", "--eval-every", "5", *BUDGET],
 }

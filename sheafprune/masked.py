@@ -310,12 +310,9 @@ def masked_forward(
         out = hidden @ m.w_out + (m.b_out if m.b_out is not None else 0)  # (..., B, T, D)
         stream.add(out.reshape(1, bsz, t, -1))
 
-    mask_out = masks.get("edge/out")
-    if secant and mask_out is not None and mask_out.requires_grad:  # the tap needs the normed stream at every position
-        final = stream.read_normed(mask_out, view.norm_module("final", -1), secant=True).reshape(bsz, t, -1)
-        return view.head(final[:, -1:] if last_only else final)
-    final = stream.read(mask_out).reshape(bsz, t, -1)  # (B, T, D)
-    return view.unembed(final[:, -1:] if last_only else final)  # (B, T, V) or (B, 1, V)
+    # Normed at every position (cheap next to the head), which the secant's tap needs.
+    final = stream.read_normed(masks.get("edge/out"), view.norm_module("final", -1), secant=secant).reshape(bsz, t, -1)
+    return view.head(final[:, -1:] if last_only else final)  # (B, T, V) or (B, 1, V)
 
 
 def mask_shapes(view: ArchView, granularity: tuple[str, ...] | list[str]) -> dict[str, tuple[int, ...]]:

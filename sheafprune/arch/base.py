@@ -111,10 +111,6 @@ class ArchView:
         """(B, T, D) normed -> (B, T, V): the LM head."""
         return self.model.lm_head(y)
 
-    def unembed(self, x: Tensor) -> Tensor:
-        """(B, T, D) -> (B, T, V): final norm and LM head."""
-        return self.head(self.norm("final", -1, x))
-
     def rope(self, x: Tensor, position_ids: Tensor) -> Optional[tuple[Tensor, Tensor]]:
         """(cos, sin), each (B, T, hd), for rotary families; None otherwise."""
         return None

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from sheafprune.config import DiscoverConfig, resolve_config
+from sheafprune.config import GATES, INITS, SCHEDULES, DiscoverConfig, resolve_config
 
 
 def add_discover_options(p: argparse.ArgumentParser, *, required: bool = True) -> None:
@@ -14,9 +14,9 @@ def add_discover_options(p: argparse.ArgumentParser, *, required: bool = True) -
     p.add_argument("--task", help="task name (see `sheafprune tasks`)")
     p.add_argument("--granularity", help="any of weight,neuron,head,edge (default weight,edge)")
     p.add_argument("--target-density", dest="target_density", help="kept fraction per type, e.g. weight=0.03,edge=0.03")
-    p.add_argument("--schedule", choices=("joint", "staged"), help="joint (default) or DiscoGP's staged weights-then-edges")
-    p.add_argument("--gate", choices=("concrete", "hard_concrete"))
-    p.add_argument("--init", choices=("attribution", "constant"),
+    p.add_argument("--schedule", choices=SCHEDULES, help="joint (default) or DiscoGP's staged weights-then-edges")
+    p.add_argument("--gate", choices=GATES, help="concrete (DiscoGP's, default), hard_concrete or sigmoid (noise-free)")
+    p.add_argument("--init", choices=INITS,
                    help="initial mask logits: DiscoGP's constant N(1, 0.01) (default) or ranked by attribution on the full model")
     p.add_argument("--steps", type=int)
     p.add_argument("--batch-size", dest="batch_size", type=int)

@@ -16,13 +16,15 @@ import yaml
 from .errors import UserError
 
 GRANULARITIES = ("weight", "neuron", "head", "edge")
-GATES = ("concrete", "hard_concrete")
+GATES = ("concrete", "hard_concrete", "sigmoid")
 SCHEDULES = ("joint", "staged")
 INITS = ("attribution", "constant")
 CONTROLS = ("kept", "expected", "project")
 RAMPS = ("linear", "cubic")
 OPTIMIZERS = ("adamw", "nsgd", "mixed")
 EDGE_GRADS = ("gradient", "secant")
+FAITH_LOSSES = ("ce", "margin")
+RANK_WITHIN = ("type", "tensor")
 
 _FLOATS = ("lr", "adam_beta2", "dual_lr", "lambda_complete", "warmup", "tau_weight", "tau_edge", "init_mean", "init_std",
            "noise_start", "noise_final", "init_spread")
@@ -36,7 +38,9 @@ class DiscoverConfig:
     # Kept fraction to reach per mask type; a type without a target is only pushed by the sparsity loss.
     target_density: Mapping[str, float] = field(default_factory=lambda: {"weight": 0.05, "edge": 0.05})
     schedule: str = "joint"  # "joint": all mask types together; "staged": DiscoGP's weights-then-edges
-    gate: str = "concrete"  # "concrete" (DiscoGP's straight-through binary concrete) | "hard_concrete"
+    # "concrete" (DiscoGP's straight-through binary concrete) | "hard_concrete" | "sigmoid" (noise-free: the mask is
+    # sigmoid(logit / s), s the noise scale below acting as a temperature; gates.py)
+    gate: str = "concrete"
     steps: int = 300  # optimizer steps (each stage gets all of them in "staged")
     batch_size: int = 32  # global batch, split across processes
     lr: float = 0.1  # AdamW on mask logits
@@ -61,6 +65,9 @@ class DiscoverConfig:
     control: str = "kept"
     dual_lr: float = 1.0  # dual-ascent step of the density controller's multipliers (a drift of lr * lambda)
     lambda_complete: float = 1.0  # weight of the completeness loss
+    # Faithfulness loss of training and of the attribution init: "ce" (DiscoGP's CE over the candidates) or "margin"
+    # (minus the right answer's logit margin over the others, objective.margin_loss: it does not saturate).
+    faith_loss: str = "ce"
     # Next-token tasks: train faithfulness on the candidates' scores minus each answer token's batch mean
     # (objective.debias_tokens), so a sheaf cannot satisfy it with a fixed preference among the answer tokens.
     debias_tokens: bool = False
@@ -85,6 +92,11 @@ class DiscoverConfig:
     # staged preset).
     init: str = "constant"
     init_spread: float = 1.0
+    # Where the attribution init ranks scores and nsgd takes its gradient RMS: over each mask type, or within each
+    # tensor (one weight matrix, one reader group of edges). Measured on SmolLM2/IOI: ranked over the whole type,
+    # the q_proj matrices, whose gradients are small where attention is saturated, keep 5% of their entries when
+    # the type keeps 35%, and the sheaf breaks there.
+    rank_within: str = "type"
     init_batches: int = 4
     init_mean: float = 1.0
     init_std: float = 0.01
@@ -128,6 +140,10 @@ class DiscoverConfig:
             raise UserError(f"unknown control {self.control!r}; use one of {', '.join(CONTROLS)}")
         if self.optimizer not in OPTIMIZERS:
             raise UserError(f"unknown optimizer {self.optimizer!r}; use one of {', '.join(OPTIMIZERS)}")
+        if self.rank_within not in RANK_WITHIN:
+            raise UserError(f"unknown rank_within {self.rank_within!r}; use one of {', '.join(RANK_WITHIN)}")
+        if self.faith_loss not in FAITH_LOSSES:
+            raise UserError(f"unknown faith_loss {self.faith_loss!r}; use one of {', '.join(FAITH_LOSSES)}")
         if self.edge_grad not in EDGE_GRADS:
             raise UserError(f"unknown edge_grad {self.edge_grad!r}; use one of {', '.join(EDGE_GRADS)}")
         if self.ramp not in RAMPS:

@@ -6,9 +6,14 @@ decision (keep iff logit > 0) at test time. Each gate is one small function pair
   d/dlogit sigmoid((logit + s*L) / tau).
 - hard_concrete: Louizos et al.'s stretched-and-clamped concrete (L0 regularization); exact zeros and ones
   with a true gradient in between; P(nonzero) = sigmoid((logit - beta * log(-lo / hi)) / s).
+- sigmoid: no noise; the mask is the concrete gate's P(keep) itself, sigmoid(logit / s), with its exact
+  gradient. An entry is faded out over several steps instead of dropped at random, so the loss sees what
+  losing it costs before it is gone (SmolLM2 breaks on IOI once a random 7% of its weights or edges is
+  dropped, which is what a concrete sample at logit 1 does to 27% of them).
 
-s is the noise scale: 1 is DiscoGP's gate; as s -> 0 the sample becomes the test-time mask (logit > 0).
-The joint schedule anneals it (train.py) so the masks trained on converge to the sheaf that is evaluated.
+s is the noise scale (the sigmoid gate's temperature): 1 is DiscoGP's gate; as s -> 0 the sample becomes
+the test-time mask (logit > 0). The joint schedule anneals it (train.py) so the masks trained on converge
+to the sheaf that is evaluated.
 """
 
 from __future__ import annotations
@@ -45,7 +50,7 @@ class _StraightThrough(torch.autograd.Function):
         return grad * s * (1 - s) / ctx.tau, None
 
 
-def concrete_sample(logits: Tensor, noise: Tensor, tau: float) -> Tensor:
+def concrete_sample(logits: Tensor, noise: Tensor, tau: float, scale: float) -> Tensor:
     return _StraightThrough.apply(logits + noise, tau)
 
 
@@ -56,7 +61,7 @@ def concrete_p_keep(logits: Tensor, scale: float = 1.0) -> Tensor:
 _BETA, _LO, _HI = 2.0 / 3.0, -0.1, 1.1
 
 
-def hard_concrete_sample(logits: Tensor, noise: Tensor, tau: float) -> Tensor:
+def hard_concrete_sample(logits: Tensor, noise: Tensor, tau: float, scale: float) -> Tensor:
     # tau is unused: the hard-concrete temperature is its fixed beta (2/3, as in Louizos et al.)
     s = torch.sigmoid((logits + noise) / _BETA)
     return (s * (_HI - _LO) + _LO).clamp(0.0, 1.0)
@@ -66,15 +71,23 @@ def hard_concrete_p_keep(logits: Tensor, scale: float = 1.0) -> Tensor:
     return torch.sigmoid((logits - _BETA * math.log(-_LO / _HI)) / scale)
 
 
+def sigmoid_sample(logits: Tensor, noise: Optional[Tensor], tau: float, scale: float) -> Tensor:
+    # noise and tau are unused: the mask is deterministic and its gradient exact
+    return torch.sigmoid(logits / scale)
+
+
 @dataclass(frozen=True)
 class Gate:
-    sample: Callable[[Tensor, Tensor, float], Tensor]  # (logits, scaled logistic noise s*L, tau) -> mask
-    p_keep: Callable[..., Tensor]  # (logits, s) -> P(keep) per entry under noise scale s
+    # (logits, scaled logistic noise s*L or None, straight-through tau, s) -> mask
+    sample: Callable[[Tensor, Optional[Tensor], float, float], Tensor]
+    p_keep: Callable[..., Tensor]  # (logits, s) -> P(keep) per entry under noise scale s (sigmoid: the mask)
+    noisy: bool = True  # False: sample takes no noise (none is drawn: weight masks have ~10^8 entries)
 
 
 GATES: dict[str, Gate] = {
     "concrete": Gate(concrete_sample, concrete_p_keep),
     "hard_concrete": Gate(hard_concrete_sample, hard_concrete_p_keep),
+    "sigmoid": Gate(sigmoid_sample, concrete_p_keep, noisy=False),
 }
 
 

@@ -62,10 +62,10 @@ class MaskLogits(nn.Module):
                 if frozen_masks is not None:
                     masks[key] = comp[key] = frozen_masks[key]
                 continue
-            noise = self._noise(key, logit, g)
-            if noise_scale != 1.0:
+            noise = self._noise(key, logit, g) if fn.noisy else None
+            if noise is not None and noise_scale != 1.0:
                 noise.mul_(noise_scale)
-            m = fn.sample(logit, noise, taus[t])
+            m = fn.sample(logit, noise, taus[t], noise_scale)
             masks[key], comp[key] = m, 1.0 - m
             p = fn.p_keep(logit, noise_scale)
             kept[t] = kept.get(t, 0.0) + p.sum()
@@ -80,8 +80,10 @@ class MaskLogits(nn.Module):
         return {t: kept[t] / count[t] for t in kept}
 
     @torch.no_grad()
-    def init_from_scores(self, scores: Mapping[str, Tensor], *, center: float, spread: float, seed: int) -> None:
-        """logit = center + spread * (2q - 1), q the quantile of an entry's score among all entries of its mask type.
+    def init_from_scores(self, scores: Mapping[str, Tensor], *, center: float, spread: float, seed: int,
+                         within: str = "type") -> None:
+        """logit = center + spread * (2q - 1), q the quantile of an entry's score among all entries of its mask type
+        (`within` "type"), or of its own tensor ("tensor": one weight matrix, one reader group of edges).
 
         Ranks, not raw scores: attribution magnitudes differ by orders of magnitude between matrices and
         types, and the controller's uniform drift then removes entries in rank order unless training
@@ -90,7 +92,7 @@ class MaskLogits(nn.Module):
         g = torch.Generator().manual_seed(seed)
         by_type: dict[str, list[str]] = {}
         for key in scores:
-            by_type.setdefault(mask_type(key), []).append(key)
+            by_type.setdefault(rank_group(key, within), []).append(key)
         logits = self.named_logits()
         for keys in by_type.values():
             flat = torch.cat([scores[k].detach().float().flatten().cpu() for k in keys])
@@ -223,6 +225,13 @@ class MaskLogits(nn.Module):
     def local_state(self, state: dict, optimizer: torch.optim.Optimizer) -> dict:
         """A full optimizer state dict cut to this rank's part."""
         return state
+
+
+def rank_group(key: str, within: str) -> str:
+    """The group whose entries `key`'s entries are ranked (or normalized) among: its mask type, or the tensor itself."""
+    if within not in ("type", "tensor"):
+        raise ValueError(f"within must be 'type' or 'tensor', got {within!r}")
+    return mask_type(key) if within == "type" else key
 
 
 def _cdf(x: Tensor, edges: Tensor) -> Tensor:

@@ -31,6 +31,19 @@ def faithfulness(scores: Tensor, target: Tensor) -> Tensor:
     return F.cross_entropy(scores, target)
 
 
+def margin_loss(scores: Tensor, target: Tensor) -> Tensor:
+    """Minus the right candidate's margin over the others, s_target - logsumexp(s_others) (the logit difference of a
+    two-way task): a faithfulness loss that never saturates. The CE's gradient vanishes once the sheaf is sure of
+    its answers (measured on SmolLM2/IOI with the sigmoid gate: CE < 0.001 from the first steps, so training
+    had no signal about what it could still remove until the sheaf broke); the margin's does not."""
+    right = scores.gather(1, target[:, None]).squeeze(1)  # (B,)
+    others = scores.scatter(1, target[:, None], float("-inf"))  # (B, C)
+    return (torch.logsumexp(others, dim=-1) - right).mean()
+
+
+FAITH_LOSSES = {"ce": faithfulness, "margin": margin_loss}
+
+
 def debias_tokens(scores: Tensor, cand_ids: Tensor) -> Tensor:
     """Scores minus, per candidate token, its mean score over the batch: a sheaf that only prefers some answer
     tokens over others whatever the prompt (a unigram prior) then gains nothing, only prompt-dependent evidence

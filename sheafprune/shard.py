@@ -42,7 +42,7 @@ from torch import Tensor, nn
 
 from .arch import ArchView
 from .gates import logistic_noise
-from .maskparams import MaskLogits, _cdf
+from .maskparams import MaskLogits, _cdf, rank_group
 from .sheaf import mask_type
 
 SHARDED_TYPES = ("weight",)  # the model-sized mask type; the others are small and stay replicated
@@ -273,19 +273,20 @@ class ShardedMaskLogits(MaskLogits):
         return self.shards.sum_(out) if sharded else out
 
     @torch.no_grad()
-    def init_from_scores(self, scores: Mapping[str, Tensor], *, center: float, spread: float, seed: int) -> None:
+    def init_from_scores(self, scores: Mapping[str, Tensor], *, center: float, spread: float, seed: int,
+                         within: str = "type") -> None:
         """MaskLogits.init_from_scores on shards: the same global quantiles (the mean and the 1M-entry sample
         assembled over the ranks) and the same jitter rows."""
         g = torch.Generator().manual_seed(seed)
         by_type: dict[str, list[str]] = {}
         for key in scores:
-            by_type.setdefault(mask_type(key), []).append(key)
+            by_type.setdefault(rank_group(key, within), []).append(key)
         logits = self.named_logits()
-        for t, keys in by_type.items():
+        for keys in by_type.values():
             local = {k: scores[k].detach().float().cpu() for k in keys}
             total = sum(_numel(self.shapes[k]) for k in keys)
             s = torch.stack([v.sum() for v in local.values()]).sum().reshape(1)
-            floor = 1e-3 * float((self.shards.sum_(s) if t in SHARDED_TYPES else s) / total)
+            floor = 1e-3 * float((self.shards.sum_(s) if mask_type(keys[0]) in SHARDED_TYPES else s) / total)
             local = {k: v.masked_fill(v < floor, 0.0) for k, v in local.items()}
             idx = torch.randint(total, (min(total, 1_000_000),), generator=g)
             edges = torch.quantile(self._entries(keys, local, idx), torch.linspace(0, 1, 1001))

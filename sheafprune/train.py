@@ -28,8 +28,8 @@ from .checkpoint import load_latest, save_checkpoint
 from .config import DiscoverConfig
 from .errors import RunFailed, UserError
 from .gates import GATES, deterministic
-from .maskparams import MaskLogits, ramp
-from .objective import completeness, debias_tokens, faithfulness, metrics_from_scores, split_scores, task_scores
+from .maskparams import MaskLogits, ramp, rank_group
+from .objective import FAITH_LOSSES, completeness, debias_tokens, metrics_from_scores, split_scores, task_scores
 from .sheaf import mask_type
 from .tasks import Task, answer_weights, encode
 
@@ -66,27 +66,29 @@ def paper_lambda(stage: Stage, step: int) -> float:
 
 
 @torch.no_grad()
-def normalize_grads(logits: dict[str, Tensor], *, sharded=frozenset(), reduce_sum: Optional[Callable] = None) -> None:
-    """nsgd: divide every gradient by the RMS of its mask type's gradients over all entries of that type.
+def normalize_grads(logits: dict[str, Tensor], *, sharded=frozenset(), reduce_sum: Optional[Callable] = None,
+                    within: str = "type") -> None:
+    """nsgd: divide every gradient by the RMS of the gradients of its mask type (`within` "type") or of its own
+    tensor ("tensor"), over all entries.
 
     Keys in `sharded` hold this rank's rows only: their sum of squares and count are summed over the ranks with
-    `reduce_sum`, so every rank divides by the RMS of the full type, as one process would.
+    `reduce_sum`, so every rank divides by the RMS of the full group, as one process would.
     """
-    local: dict[str, Tensor] = {}  # type -> [sum of squares, count], the sharded part separately
+    local: dict[tuple[str, bool], Tensor] = {}  # (group, sharded) -> [sum of squares, count]
     for key, p in logits.items():
         if p.grad is not None:
-            part = (mask_type(key), key in sharded)
+            part = (rank_group(key, within), key in sharded)
             acc = local.setdefault(part, torch.zeros(2, dtype=torch.float64, device=p.grad.device))
             acc += torch.stack([p.grad.double().square().sum(), torch.tensor(float(p.grad.numel()), dtype=torch.float64,
                                                                             device=p.grad.device)])
     total: dict[str, Tensor] = {}
-    for (t, is_sharded), acc in local.items():
+    for (group, is_sharded), acc in local.items():
         if is_sharded and reduce_sum is not None:
             acc = reduce_sum(acc)
-        total[t] = total.get(t, 0) + acc
+        total[group] = total.get(group, 0) + acc
     for key, p in logits.items():
         if p.grad is not None:
-            sq, n = total[mask_type(key)].tolist()
+            sq, n = total[rank_group(key, within)].tolist()
             p.grad.div_(max((sq / max(n, 1.0)) ** 0.5, 1e-30))
 
 
@@ -229,8 +231,8 @@ class Trainer:
     def init_logits(self) -> None:
         """Before step 1 of a fresh run: attribution-ranked logits (cfg.init), else keep DiscoGP's constant init.
 
-        The score of a mask entry is |dL/dm| at m = 1 (the full model), L the faithfulness loss, summed over
-        cfg.init_batches training batches: the first-order change of the loss if that entry alone were removed
+        The score of a mask entry is |dL/dm| at m = 1 (the full model), L the faithfulness loss (cfg.faith_loss),
+        summed over cfg.init_batches training batches: the first-order change of the loss if that entry alone were removed
         (for edges this is edge attribution patching with zero ablation; with cfg.edge_grad "secant", the
         removal's effect taken exactly through the reader's norm). Every rank scores its slice of the
         same global batches and the scores are all-reduced, so the logits are identical on every rank.
@@ -243,8 +245,8 @@ class Trainer:
         ones = {k: torch.ones(shape, device=self.device, requires_grad=True) for k, shape in shapes.items()}
         for b in tqdm(range(self.cfg.init_batches), desc="attribution", disable=not self.progress, leave=False):
             batch = self._local_batch(b)
-            faithfulness(task_scores(self.view, batch, self.params.for_forward(ones), edge_grad=self.cfg.edge_grad),
-                         batch.target).backward()
+            scores = task_scores(self.view, batch, self.params.for_forward(ones), edge_grad=self.cfg.edge_grad)
+            FAITH_LOSSES[self.cfg.faith_loss](scores, batch.target).backward()
         scores = {}
         for k, m in ones.items():
             g = m.grad if m.grad is not None else torch.zeros_like(m)
@@ -255,7 +257,8 @@ class Trainer:
                                 f"this task are not finite (try --init constant)")
             scores[k] = g.abs()
         del ones
-        self.params.init_from_scores(scores, center=self.cfg.init_mean, spread=self.cfg.init_spread, seed=self.cfg.seed)
+        self.params.init_from_scores(scores, center=self.cfg.init_mean, spread=self.cfg.init_spread, seed=self.cfg.seed,
+                                     within=self.cfg.rank_within)
 
     # --- pieces ----------------------------------------------------------------------------------
     def _make_optimizer(self, stage: Stage):
@@ -363,7 +366,7 @@ class Trainer:
         scores = task_scores(self.view, batch, masks, edge_grad=self.cfg.edge_grad)
         if self.cfg.debias_tokens and batch.kind == "choice":
             scores = debias_tokens(scores, batch.cand_ids)
-        faith = faithfulness(scores, batch.target)
+        faith = FAITH_LOSSES[self.cfg.faith_loss](scores, batch.target)
         complete = completeness(task_scores(self.view, batch, comp, edge_grad=self.cfg.edge_grad))
         targets = self._targets_now(stage, local)
         if stage.sparsity == "controller":
@@ -389,7 +392,7 @@ class Trainer:
         if self.cfg.optimizer != "adamw":
             reduce = (lambda x: self.acc.reduce(x, reduction="sum")) if self.acc.num_processes > 1 else None
             normalize_grads({k: p for k, p in self.params.named_logits().items() if self._nsgd(k)},
-                            sharded=self.params.sharded, reduce_sum=reduce)
+                            sharded=self.params.sharded, reduce_sum=reduce, within=self.cfg.rank_within)
         self.optimizer.step()
         expected = {t: float(d.detach()) for t, d in dens.items()}
         if stage.sparsity == "controller" and self.cfg.control == "project":

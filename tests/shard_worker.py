@@ -40,6 +40,9 @@ def main() -> None:
     ref.init_from_scores(scores, center=1.0, spread=2.0, seed=3)
     sh.init_from_scores(sh.local(scores), center=1.0, spread=2.0, seed=3)
     same("init_from_scores", ref.named_logits(), sh.gather_full(sh.named_logits()), tol=1e-6)
+    ref.init_from_scores(scores, center=1.0, spread=2.0, seed=3, within="tensor")
+    sh.init_from_scores(sh.local(scores), center=1.0, spread=2.0, seed=3, within="tensor")
+    same("init_from_scores within tensors", ref.named_logits(), sh.gather_full(sh.named_logits()), tol=1e-6)
     with torch.no_grad():  # from here on bitwise-equal logits
         for k, p in sh.named_logits().items():
             p.copy_(sh.local(ref.named_logits())[k])

@@ -32,12 +32,15 @@ def cfg(**kw):
     return resolve_config(overrides=base)
 
 
-@pytest.mark.parametrize("gate", list(GATES))
+NOISY = [name for name, g in GATES.items() if g.noisy]
+
+
+@pytest.mark.parametrize("gate", NOISY)
 def test_gate_keep_probability_and_gradients(gate):
     fn = GATES[gate]
     logits = torch.tensor([-2.0, -0.5, 0.0, 0.7, 2.0]).repeat(20000, 1).requires_grad_(True)  # (n, 5)
     noise = logistic_noise(logits.shape, generator=torch.Generator().manual_seed(0))
-    m = fn.sample(logits, noise, 1.0)
+    m = fn.sample(logits, noise, 1.0, 1.0)
     kept = (m > 0).float().mean(0)
     p = fn.p_keep(logits[0].detach())
     err = (kept - p).abs().max().item()
@@ -47,13 +50,13 @@ def test_gate_keep_probability_and_gradients(gate):
     assert logits.grad.abs().sum(0).min() > 0, f"{gate}: some logits get no gradient: {logits.grad.abs().sum(0)}"
 
 
-@pytest.mark.parametrize("gate", list(GATES))
+@pytest.mark.parametrize("gate", NOISY)
 @pytest.mark.parametrize("scale", [0.5, 0.1])
 def test_noise_scale_sharpens_the_gate_toward_the_test_time_mask(gate, scale):
     fn = GATES[gate]
     logits = torch.tensor([-2.0, -0.3, 0.2, 0.7, 2.0]).repeat(20000, 1)
     noise = logistic_noise(logits.shape, generator=torch.Generator().manual_seed(0)) * scale
-    kept = (fn.sample(logits, noise, 1.0) > 0).float().mean(0)
+    kept = (fn.sample(logits, noise, 1.0, scale) > 0).float().mean(0)
     p = fn.p_keep(logits[0], scale)
     err = (kept - p).abs().max().item()
     assert err < 0.015, f"{gate} s={scale}: empirical P(keep) {kept.tolist()} vs expected {p.tolist()} ({err:.4f})"
@@ -64,8 +67,27 @@ def test_noise_scale_sharpens_the_gate_toward_the_test_time_mask(gate, scale):
 
 def test_concrete_forward_is_hard():
     logits = torch.randn(1000)
-    m = GATES["concrete"].sample(logits, logistic_noise(logits.shape, generator=torch.Generator().manual_seed(1)), 0.01)
+    m = GATES["concrete"].sample(logits, logistic_noise(logits.shape, generator=torch.Generator().manual_seed(1)), 0.01,
+                                 1.0)
     assert set(m.unique().tolist()) <= {0.0, 1.0}
+
+
+@pytest.mark.parametrize("scale", [1.0, 0.1])
+def test_sigmoid_gate_is_the_concrete_keep_probability_with_its_exact_gradient(scale):
+    """The noise-free gate's mask is the concrete gate's P(keep) at the same scale, and autograd's gradient matches
+    finite differences; MaskLogits draws no noise for it, so two calls give the same masks."""
+    fn = GATES["sigmoid"]
+    logits = torch.linspace(-3, 3, 13, dtype=torch.float64, requires_grad=True)
+    m = fn.sample(logits, None, 0.01, scale)
+    diff = (m - GATES["concrete"].p_keep(logits.detach(), scale)).abs().max().item()
+    assert diff < 1e-12, f"sigmoid mask vs concrete P(keep): max diff {diff:.2e}"
+    assert torch.autograd.gradcheck(lambda x: fn.sample(x, None, 0.01, scale), (logits,))
+    from sheafprune.maskparams import MaskLogits
+
+    params = MaskLogits({"edge/0/q": (3, 4)}, targets={"edge": 0.5}, init_mean=0.5, init_std=1.0, seed=0)
+    draws = [params(trained=("edge",), gate="sigmoid", taus={"edge": 1.0}, noise_seed=s, noise_scale=scale)[0]
+             for s in (1, 2)]
+    assert torch.equal(draws[0]["edge/0/q"], draws[1]["edge/0/q"]), "the sigmoid gate's masks depend on the noise seed"
 
 
 def test_batches_are_a_function_of_seed_and_step():
@@ -216,6 +238,31 @@ def test_attribution_init_ranks_logits_by_score():
     assert e.max() > 2.5 and e.min() < -0.5, e
 
 
+def test_rank_within_tensor_ranks_and_normalizes_each_tensor_on_its_own():
+    """With scores 1000x smaller in one matrix, ranking over the type puts all of it at the bottom; ranking within
+    each tensor spreads both over the whole range. nsgd's RMS is then taken per tensor too."""
+    from sheafprune.maskparams import MaskLogits
+    from sheafprune.train import normalize_grads
+
+    shapes = {"w/q": (30, 20), "w/v": (30, 20)}
+    g = torch.Generator().manual_seed(0)
+    scores = {"w/q": torch.rand(shapes["w/q"], generator=g) * 1e-3, "w/v": torch.rand(shapes["w/v"], generator=g)}
+    spans = {}
+    for within in ("type", "tensor"):
+        params = MaskLogits(shapes, targets={}, init_mean=1.0, init_std=0.0, seed=0)
+        params.init_from_scores(scores, center=1.0, spread=1.0, seed=0, within=within)
+        spans[within] = {k: (round(float(v.min()), 2), round(float(v.mean()), 2), round(float(v.max()), 2))
+                         for k, v in params.named_logits().items()}
+    assert spans["type"]["w/q"][2] < 1.0 < spans["type"]["w/v"][1], spans  # q below v's median: removed first
+    assert all(lo < 0.05 and abs(mean - 1) < 0.05 and hi > 1.95 for lo, mean, hi in spans["tensor"].values()), spans
+    logits = {k: torch.zeros(s, requires_grad=True) for k, s in shapes.items()}
+    for k, p in logits.items():
+        p.grad = scores[k].clone()
+    normalize_grads(logits, within="tensor")
+    rms = {k: float(p.grad.square().mean().sqrt()) for k, p in logits.items()}
+    assert all(abs(r - 1.0) < 1e-6 for r in rms.values()), rms
+
+
 def test_projection_holds_the_target_exactly():
     from sheafprune.maskparams import MaskLogits
 
@@ -337,6 +384,47 @@ def test_secant_edge_grad_trains_reproducibly_to_the_target(model):
     edges = [k for k in a.logits if k.startswith("edge/")]
     assert any(not torch.equal(a.logits[k], plain.logits[k]) for k in edges), "secant trained the same edges"
     assert a.meta["config"]["edge_grad"] == "secant"
+
+
+def test_sigmoid_gate_trains_reproducibly_to_the_target():
+    """The noise-free gate on its annealed temperature (0.5 -> 0.02): the run meets its targets and repeats bit for
+    bit with the same seed."""
+    kw = dict(gate="sigmoid", init="attribution", init_spread=2.0, noise_start=0.5, noise_final=0.02, steps=20,
+              control="project", early_stop=False, target_density="weight=0.3,edge=0.3")
+    a, b = discover(cfg(**kw), progress=False), discover(cfg(**kw), progress=False)
+    d = a.density()
+    assert d["weight"] <= 0.3 * 1.02 and d["edge"] <= 0.3 * 1.02, f"densities {d} missed target 0.3"
+    assert all(torch.equal(a.logits[k], b.logits[k]) for k in a.logits), "same seed, different logits"
+    assert a.meta["config"]["gate"] == "sigmoid"
+
+
+def test_margin_loss_is_the_logit_difference_and_does_not_saturate():
+    from sheafprune.objective import faithfulness, margin_loss
+
+    two = torch.tensor([[3.0, 1.0], [0.0, 2.5]])
+    target = torch.tensor([0, 1])
+    assert torch.allclose(margin_loss(two, target), torch.tensor(-(2.0 + 2.5) / 2)), margin_loss(two, target)
+    three = torch.tensor([[1.0, 2.0, 0.5]])  # right answer 0: margin 1 - logsumexp(2, 0.5)
+    want = -(1.0 - torch.logsumexp(torch.tensor([2.0, 0.5]), 0))
+    assert torch.allclose(margin_loss(three, torch.tensor([0])), want)
+    # A sure sheaf (margin 20) still gets the full gradient from the margin, ~0 from the CE.
+    sure = torch.tensor([[20.0, 0.0]], requires_grad=True)
+    margin_loss(sure, torch.tensor([0])).backward()
+    g_margin = sure.grad.abs().max().item()
+    sure.grad = None
+    faithfulness(sure, torch.tensor([0])).backward()
+    assert g_margin == 1.0 and sure.grad.abs().max().item() < 1e-8, (g_margin, sure.grad)
+
+
+def test_margin_faith_loss_trains_to_the_target_and_bad_names_are_user_errors():
+    from sheafprune.errors import UserError
+
+    run = discover(cfg(faith_loss="margin", steps=12, control="project", early_stop=False), progress=False)
+    d = run.density()
+    assert d["weight"] <= 0.3 * 1.02 and d["edge"] <= 0.3 * 1.02, f"densities {d} missed target 0.3"
+    assert run.meta["config"]["faith_loss"] == "margin"
+    with pytest.raises(UserError, match="faith_loss"):
+        cfg(faith_loss="kl")
 
 
 def test_unknown_edge_grad_is_a_user_error():

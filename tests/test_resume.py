@@ -74,8 +74,9 @@ def _init_calls(cfg) -> int:
 
 def _interrupt_once(monkeypatch, owner, name: str, *, at_call: int, before: bool = True) -> None:
     """Send this process SIGINT (Ctrl-C) on call number `at_call` of owner.name, before or after the real call. A
-    signal, not `raise KeyboardInterrupt`: the trainer may defer Ctrl-C to the end of the step."""
-    real = getattr(owner, name)
+    signal, not `raise KeyboardInterrupt`: the trainer may defer Ctrl-C to the end of the step. `owner` may also be a
+    dict, `name` one of its keys."""
+    real = owner[name] if isinstance(owner, dict) else getattr(owner, name)
     calls = {"n": 0}
 
     def wrapper(*args, **kwargs):
@@ -87,7 +88,10 @@ def _interrupt_once(monkeypatch, owner, name: str, *, at_call: int, before: bool
             signal.raise_signal(signal.SIGINT)
         return result
 
-    monkeypatch.setattr(owner, name, wrapper)
+    if isinstance(owner, dict):
+        monkeypatch.setitem(owner, name, wrapper)
+    else:
+        monkeypatch.setattr(owner, name, wrapper)
 
 
 # Where Ctrl-C lands: (what is patched, call number, before/after the real call). Steps are 0-based; step 3 is the
@@ -119,7 +123,7 @@ def test_corrupt_newest_checkpoint_falls_back_and_resume_still_matches(cfg, refe
     with monkeypatch.context() as m:
         # Ctrl-C in the forward of step 4 (0-based): the step finishes and is checkpointed as step 5, next to step 4.
         # An attribution init calls the loss init_batches times before step 0.
-        _interrupt_once(m, train, "faithfulness", at_call=5 + _init_calls(cfg))
+        _interrupt_once(m, train.FAITH_LOSSES, cfg.faith_loss, at_call=5 + _init_calls(cfg))
         with pytest.raises(KeyboardInterrupt):
             discover(cfg, out=out, progress=False)
     work = work_dir_for(out)

@@ -439,9 +439,9 @@ class Trainer:
         judged = dev
         if self.full_select is not None:
             # Only a sheaf whose dev reading could beat the best (judged on dev + select) is scored on the select
-            # split too; the others cannot become the best or stop the run.
+            # split too; the others cannot become the best.
             if self.best is not None and not dev_rank(dev, balanced=balanced) > self.best["rank"]:
-                return False
+                return self._best_is_done(ramp_done)
             select = self._split_scores("select", stage.trained, full=self.full_select)
             judged = row["selection"] = _metrics("dev+select", tuple(torch.cat(pair) for pair in zip(dev_scores, select)),
                                                  self.pooled_weights)
@@ -449,7 +449,13 @@ class Trainer:
         if self.best is None or rank > self.best["rank"]:
             self.best = {"step": row["step"], "dev_accuracy": rank[1], "rank": rank, "judged": judged,
                          "logits": {k: v.detach().clone() for k, v in self.params.named_logits().items()}}
-        return self.cfg.early_stop and ramp_done and sheaf_done(judged, balanced=balanced)
+        return self._best_is_done(ramp_done)
+
+    def _best_is_done(self, ramp_done: bool) -> bool:
+        """Early stopping, once the ramp is over: the best sheaf so far (the one the run returns) passes sheaf_done
+        as judged, the first key of its rank. It may date from the end of the ramp: a run whose later sheaves never
+        beat it would otherwise train on to its last step and return it anyway."""
+        return self.cfg.early_stop and ramp_done and self.best is not None and self.best["rank"][0] == 1.0
 
     def _evaluate_now(self, row: dict[str, Any], stage: Stage, local: int) -> bool:
         """Every eval_every steps once a sheaf could be kept (the ramp is over or the targets are nearly met);

@@ -170,6 +170,27 @@ def test_select_items_are_held_out_of_training_and_judge_the_candidates(monkeypa
     assert sheaf.meta["training"]["best_judged"] == best[2]
 
 
+def test_early_stop_once_the_ramp_is_over_if_the_best_sheaf_passes(monkeypatch):
+    """A best sheaf kept before the ramp ended (targets met early) that no later sheaf beats stops the run at the
+    first evaluation after the ramp: it is the sheaf the run returns. Every judged sheaf here "passes"; the first
+    one ranks highest."""
+    calls = {"n": 0}
+
+    def rank(dev, *, balanced):
+        calls["n"] += 1
+        return [1.0, -calls["n"], 0.0]
+
+    monkeypatch.setattr(train_module, "dev_rank", rank)
+    monkeypatch.setattr(train_module, "sheaf_done", lambda dev, *, balanced: True)
+    sheaf = discover(cfg(select_items=16, steps=40, eval_every=2, warmup=0.5, target_density="weight=0.9,edge=0.9",
+                         dual_lr=50.0), progress=False)
+    ramp_end = int(0.5 * 40)
+    met = [r["step"] for r in sheaf.curve if "selection" in r]
+    assert met and met[0] < ramp_end, f"no sheaf was judged before the ramp's end ({ramp_end}): {met}"
+    assert sheaf.meta["training"]["best_step"] == met[0]
+    assert sheaf.meta["training"]["steps"] == ramp_end, sheaf.meta["training"]["steps"]
+
+
 def test_select_items_must_leave_training_items():
     from sheafprune.errors import UserError
     with pytest.raises(UserError, match="leave no training items"):

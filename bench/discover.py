@@ -55,6 +55,15 @@ RUNS = {
                          "--config", str(CONFIGS / "ioi-joint-secant.yaml")],
     "anaphor-secant": ["--model", "smollm2-135m", "--task", "blimp/anaphor_gender_agreement", *JOINT,
                        "--steps", "150", "--config", str(CONFIGS / "anaphor-secant.yaml")],
+    # Session 7: the noise-free sigmoid gate with the margin loss, per-tensor ranks and the secant, alone.
+    "ioi-sigmoid": ["--model", "smollm2-135m", "--task", "ioi", *JOINT, "--steps", "130", "--n-items", "1000",
+                    "--config", str(CONFIGS / "ioi-sigmoid.yaml")],
+    "anaphor-sigmoid": ["--model", "smollm2-135m", "--task", "blimp/anaphor_gender_agreement", *JOINT,
+                        "--steps", "150", "--config", str(CONFIGS / "anaphor-sigmoid.yaml")],
+    "capitals-sigmoid": ["--model", "smollm2-135m", "--task", "capitals", *JOINT, "--steps", "130",
+                         "--config", str(CONFIGS / "capitals-sigmoid.yaml")],
+    "sentence-sigmoid": ["--model", "smollm2-135m", "--task", "blimp/determiner_noun_agreement_2", *JOINT,
+                         "--steps", "130", "--config", str(CONFIGS / "ioi-sigmoid.yaml")],
     "ioi-staged": ["--model", "smollm2-135m", "--task", "ioi", "--schedule", "staged", "--granularity",
                    "weight,edge", "--steps", "50", "--batch-size", "16", "--eval-every", "5", *BUDGET],
 }

@@ -90,11 +90,11 @@ class MaskLogits(nn.Module):
         reorders them (Adam moves a logit by up to ~lr per step, so a spread of 1 is undone in ~20 steps).
         """
         g = torch.Generator().manual_seed(seed)
-        by_type: dict[str, list[str]] = {}
+        groups: dict[str, list[str]] = {}
         for key in scores:
-            by_type.setdefault(rank_group(key, within), []).append(key)
+            groups.setdefault(rank_group(key, within), []).append(key)
         logits = self.named_logits()
-        for keys in by_type.values():
+        for keys in groups.values():
             flat = torch.cat([scores[k].detach().float().flatten().cpu() for k in keys])
             # Scores below 1e-3 of the mean are ties at 0: their order is float noise (a sum of canceling
             # terms), which differs with the order of summation, e.g. between one and two processes.

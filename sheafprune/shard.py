@@ -278,11 +278,11 @@ class ShardedMaskLogits(MaskLogits):
         """MaskLogits.init_from_scores on shards: the same global quantiles (the mean and the 1M-entry sample
         assembled over the ranks) and the same jitter rows."""
         g = torch.Generator().manual_seed(seed)
-        by_type: dict[str, list[str]] = {}
+        groups: dict[str, list[str]] = {}
         for key in scores:
-            by_type.setdefault(rank_group(key, within), []).append(key)
+            groups.setdefault(rank_group(key, within), []).append(key)
         logits = self.named_logits()
-        for keys in by_type.values():
+        for keys in groups.values():
             local = {k: scores[k].detach().float().cpu() for k in keys}
             total = sum(_numel(self.shapes[k]) for k in keys)
             s = torch.stack([v.sum() for v in local.values()]).sum().reshape(1)

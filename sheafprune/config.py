@@ -26,6 +26,9 @@ EDGE_GRADS = ("gradient", "secant")
 FAITH_LOSSES = ("ce", "margin")
 RANK_WITHIN = ("type", "tensor")
 
+# Options that take one of a few names, with the names they take.
+_CHOICES = {"gate": GATES, "control": CONTROLS, "optimizer": OPTIMIZERS, "rank_within": RANK_WITHIN,
+            "faith_loss": FAITH_LOSSES, "edge_grad": EDGE_GRADS, "ramp": RAMPS, "init": INITS, "schedule": SCHEDULES}
 _FLOATS = ("lr", "adam_beta2", "dual_lr", "lambda_complete", "warmup", "tau_weight", "tau_edge", "init_mean", "init_std",
            "noise_start", "noise_final", "init_spread")
 
@@ -134,24 +137,9 @@ class DiscoverConfig:
         for name in ("shard_masks", "debias_tokens", "balance_answers", "early_stop", "filter_correct"):
             if not isinstance(getattr(self, name), bool):
                 raise UserError(f"{name} must be true or false, got {getattr(self, name)!r}")
-        if self.gate not in GATES:
-            raise UserError(f"unknown gate {self.gate!r}; use one of {', '.join(GATES)}")
-        if self.control not in CONTROLS:
-            raise UserError(f"unknown control {self.control!r}; use one of {', '.join(CONTROLS)}")
-        if self.optimizer not in OPTIMIZERS:
-            raise UserError(f"unknown optimizer {self.optimizer!r}; use one of {', '.join(OPTIMIZERS)}")
-        if self.rank_within not in RANK_WITHIN:
-            raise UserError(f"unknown rank_within {self.rank_within!r}; use one of {', '.join(RANK_WITHIN)}")
-        if self.faith_loss not in FAITH_LOSSES:
-            raise UserError(f"unknown faith_loss {self.faith_loss!r}; use one of {', '.join(FAITH_LOSSES)}")
-        if self.edge_grad not in EDGE_GRADS:
-            raise UserError(f"unknown edge_grad {self.edge_grad!r}; use one of {', '.join(EDGE_GRADS)}")
-        if self.ramp not in RAMPS:
-            raise UserError(f"unknown ramp {self.ramp!r}; use one of {', '.join(RAMPS)}")
-        if self.init not in INITS:
-            raise UserError(f"unknown init {self.init!r}; use one of {', '.join(INITS)}")
-        if self.schedule not in SCHEDULES:
-            raise UserError(f"unknown schedule {self.schedule!r}; use one of {', '.join(SCHEDULES)}")
+        for name, allowed in _CHOICES.items():
+            if getattr(self, name) not in allowed:
+                raise UserError(f"unknown {name} {getattr(self, name)!r}; use one of {', '.join(allowed)}")
         for name in ("steps", "batch_size", "eval_every", "checkpoint_every", "seed", "n_items", "init_batches"):
             value = getattr(self, name)
             if value is None and name == "n_items":

@@ -448,6 +448,14 @@ def test_margin_faith_loss_trains_to_the_target_and_bad_names_are_user_errors():
         cfg(faith_loss="kl")
 
 
+def test_config_names_the_gates_and_losses_the_code_has():
+    """config.py lists the names without importing torch; they must be the implementations' keys."""
+    from sheafprune import config
+    from sheafprune.objective import FAITH_LOSSES
+
+    assert set(config.GATES) == set(GATES) and set(config.FAITH_LOSSES) == set(FAITH_LOSSES)
+
+
 def test_unknown_edge_grad_is_a_user_error():
     from sheafprune.errors import UserError
 

@@ -232,8 +232,8 @@ class Trainer:
         """Before step 1 of a fresh run: attribution-ranked logits (cfg.init), else keep DiscoGP's constant init.
 
         The score of a mask entry is |dL/dm| at m = 1 (the full model), L the faithfulness loss (cfg.faith_loss),
-        summed over cfg.init_batches training batches: the first-order change of the loss if that entry alone were removed
-        (for edges this is edge attribution patching with zero ablation; with cfg.edge_grad "secant", the
+        summed over cfg.init_batches training batches: the first-order change of the loss if that entry alone were
+        removed (for edges this is edge attribution patching with zero ablation; with cfg.edge_grad "secant", the
         removal's effect taken exactly through the reader's norm). Every rank scores its slice of the
         same global batches and the scores are all-reduced, so the logits are identical on every rank.
         """

@@ -12,8 +12,12 @@ def add_discover_options(p: argparse.ArgumentParser, *, required: bool = True) -
     """Options shared by `discover` and `export --model ... --task ...`."""
     p.add_argument("--model", help="model name (see `sheafprune models`), HF folder or hub id")
     p.add_argument("--task", help="task name (see `sheafprune tasks`)")
-    p.add_argument("--granularity", help="any of weight,neuron,head,edge (default weight,edge)")
-    p.add_argument("--target-density", dest="target_density", help="kept fraction per type, e.g. weight=0.03,edge=0.03")
+    p.add_argument("--granularity", help="any of weight,neuron,head,edge (default neuron,head; weight and edge "
+                                         "need --target-density)")
+    p.add_argument("--target-density", dest="target_density",
+                   help="kept fraction per type, e.g. weight=0.03,edge=0.03 (default: none, search for the smallest "
+                        "sheaf that keeps the task)")
+    p.add_argument("--keep", type=float, help="the floor: share of the full model's accuracy to keep (default 0.95)")
     p.add_argument("--schedule", choices=SCHEDULES, help="joint (default) or DiscoGP's staged weights-then-edges")
     p.add_argument("--gate", choices=GATES, help="concrete (DiscoGP's, default), hard_concrete or sigmoid (noise-free)")
     p.add_argument("--init", choices=INITS,
@@ -35,7 +39,7 @@ def add_discover_options(p: argparse.ArgumentParser, *, required: bool = True) -
 
 
 def config_from_args(args: argparse.Namespace) -> DiscoverConfig:
-    keys = ("model", "task", "granularity", "target_density", "schedule", "gate", "init", "steps", "batch_size", "lr", "eval_every",
+    keys = ("model", "task", "granularity", "target_density", "keep", "schedule", "gate", "init", "steps", "batch_size", "lr", "eval_every",
             "seed", "n_items", "max_minutes", "shard_masks")
     return resolve_config(yaml_path=args.config, overrides={k: getattr(args, k, None) for k in keys})
 

@@ -36,7 +36,7 @@ def _run(args: argparse.Namespace) -> int:
         print(f"discovering a sheaf of {cfg.model} for {cfg.task} ...", flush=True)
         sheaf = discover(cfg)
     print(f"compacting and checking the sheaf of {sheaf.model_name} for {sheaf.task} ...", flush=True)
-    info = export(sheaf, out=args.out, formats=[args.format], overwrite=args.overwrite)
+    info = export(sheaf, out=args.out, formats=[args.format], overwrite=args.overwrite, keep=args.keep)
     d = ", ".join(f"{k} {v:.2%}" for k, v in sheaf.density().items())
     print(f"export written to {args.out} (sheaf kept {d}; max |logit diff| to the masked sheaf {info['max_abs_diff']:.2g})")
     print(f"  parameters {info['params']:,} of {info['params_original']:,} ({info['params'] / info['params_original']:.1%}); "
@@ -51,6 +51,12 @@ def _run(args: argparse.Namespace) -> int:
     if (args.out / "model.safetensors").exists():
         print(f"  load: sheafprune.exporter.load({str(args.out)!r}) or AutoModelForCausalLM.from_pretrained("
               f"{str(args.out)!r}, trust_remote_code=True)")
+    m = sheaf.meta.get("metrics", {})
+    if info["not_kept"]:
+        print(f"not kept: {info['not_kept']}; the files are written for inspection, the model card says so")
+        return 3
+    print(f"  kept: test accuracy {m.get('sheaf_accuracy', float('nan')):.3f} vs full "
+          f"{m.get('full_accuracy', float('nan')):.3f} (floor {info['keep']:g} x full, n={m.get('n', '?')})")
     return 0
 
 

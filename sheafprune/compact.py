@@ -4,7 +4,9 @@ The plan walks the graph twice. Forward, it finds every writer whose output no l
 tokens and computes that constant (D,): a head that is head-masked (0), whose output weights are all
 pruned (its bias share), or whose value path is constant (softmax weights sum to 1, so it outputs
 v_const @ W_O + bias share); an MLP whose input is constant or whose every neuron is dead or constant.
-Inside a kept MLP, a neuron whose input weights are all pruned outputs act(bias): folded into b_out.
+Inside a kept MLP, a neuron whose input weights are all pruned outputs act(bias): folded into b_out. Under mean
+ablation (`mean/` keys) a pruned head writes its mean output and a pruned neuron's hidden value is its mean: both
+constants, folded the same way.
 Backward, from `out`, it keeps a writer iff it is not constant and some kept reader reads it through a
 kept edge; a reader is kept iff its head/MLP is. A constant writer's value is added to each kept
 reader that reads it (`*_const`). KV heads are kept iff some kept query head uses them; layers with no
@@ -57,6 +59,8 @@ class _Layer:
     mlp: MlpParams
     head_mask: Tensor  # (H,)
     neuron_mask: Tensor  # (I,)
+    head_mean: Tensor  # (H, D) what a pruned head writes (zeros without mean ablation)
+    neuron_mean: Tensor  # (I,) a pruned neuron's hidden value (zeros without mean ablation)
     neurons: list[int] = field(default_factory=list)  # kept, non-constant neurons
     b_out: Optional[Tensor] = None  # (D,) MLP output bias with folded neurons
 
@@ -73,8 +77,11 @@ class _Plan:
             return p if m is None else p * m
 
         ones = torch.ones
+        zeros = torch.zeros
         self.layers = [_Layer(view.attn(l, w), view.mlp(l, w), self.masks.get(f"head/{l}", ones(s.n_heads)),
-                              self.masks.get(f"neuron/{l}", ones(s.d_mlp))) for l in range(s.n_layers)]
+                              self.masks.get(f"neuron/{l}", ones(s.d_mlp)),
+                              self.masks.get(f"mean/head/{l}", zeros(s.n_heads, s.d_model)),
+                              self.masks.get(f"mean/neuron/{l}", zeros(s.d_mlp))) for l in range(s.n_layers)]
         self.const: list[Optional[Tensor]] = [None] * self.graph.n_writers()  # per writer, (D,) if constant
         self.live = [False] * self.graph.n_writers()
 
@@ -110,7 +117,7 @@ class _Plan:
             for h in range(s.n_heads):
                 kv = h // group
                 if lay.head_mask[h] == 0:
-                    self.const[base + h] = torch.zeros(s.d_model)
+                    self.const[base + h] = lay.head_mean[h].clone()
                     continue
                 xv = self.const_input(ev[:, kv])
                 v_const = None
@@ -129,6 +136,7 @@ class _Plan:
         d_mlp = m.w_out.shape[0]
         b_in = m.b_in if m.b_in is not None else torch.zeros(d_mlp)
         b_out = m.b_out if m.b_out is not None else torch.zeros(self.spec.d_model)
+        pruned_value = (1 - lay.neuron_mask) * lay.neuron_mean  # (I,) hidden value of pruned neurons
         j = self.graph.writers_before_mlp(l)
         xm = self.const_input(self.edges(f"edge/{l}/mlp")[:, 0])
         if xm is not None:  # constant input: the whole MLP is a constant
@@ -136,7 +144,7 @@ class _Plan:
             hidden = x @ m.w_in + b_in
             hidden = view.act(x @ m.w_gate + (m.b_gate if m.b_gate is not None else 0)) * hidden \
                 if m.w_gate is not None else view.act(hidden)
-            self.const[j] = (hidden * lay.neuron_mask) @ m.w_out + b_out
+            self.const[j] = (hidden * lay.neuron_mask + pruned_value) @ m.w_out + b_out
             return
         alive = (lay.neuron_mask > 0) & m.w_out.any(dim=1)  # (I,)
         input_free = ~m.w_in.any(dim=0)  # (I,)
@@ -150,7 +158,7 @@ class _Plan:
         else:
             const_value, constant, dead = view.act(b_in), input_free, torch.zeros(d_mlp, dtype=torch.bool)
         folded = alive & constant
-        lay.b_out = b_out + (const_value * folded) @ m.w_out
+        lay.b_out = b_out + (const_value * folded + pruned_value) @ m.w_out
         lay.neurons = (alive & ~constant & ~dead).nonzero().flatten().tolist()
         if not lay.neurons:
             self.const[j] = lay.b_out

@@ -16,6 +16,7 @@ import yaml
 from .errors import UserError
 
 GRANULARITIES = ("weight", "neuron", "head", "edge")
+ABLATIONS = ("mean", "zero")
 GATES = ("concrete", "hard_concrete", "sigmoid")
 SCHEDULES = ("joint", "staged")
 INITS = ("attribution", "constant")
@@ -27,10 +28,10 @@ FAITH_LOSSES = ("ce", "margin")
 RANK_WITHIN = ("type", "tensor")
 
 # Options that take one of a few names, with the names they take.
-_CHOICES = {"gate": GATES, "control": CONTROLS, "optimizer": OPTIMIZERS, "rank_within": RANK_WITHIN,
+_CHOICES = {"ablation": ABLATIONS, "gate": GATES, "control": CONTROLS, "optimizer": OPTIMIZERS, "rank_within": RANK_WITHIN,
             "faith_loss": FAITH_LOSSES, "edge_grad": EDGE_GRADS, "ramp": RAMPS, "init": INITS,
             "schedule": SCHEDULES}
-_FLOATS = ("lr", "adam_beta2", "dual_lr", "lambda_complete", "warmup", "tau_weight", "tau_edge", "init_mean", "init_std",
+_FLOATS = ("keep", "lr", "adam_beta2", "dual_lr", "lambda_complete", "warmup", "tau_weight", "tau_edge", "init_mean", "init_std",
            "noise_start", "noise_final", "init_spread")
 
 
@@ -38,9 +39,15 @@ _FLOATS = ("lr", "adam_beta2", "dual_lr", "lambda_complete", "warmup", "tau_weig
 class DiscoverConfig:
     model: str = "smollm2-135m"
     task: str = "ioi"
-    granularity: tuple[str, ...] = ("weight", "edge")
-    # Kept fraction to reach per mask type; a type without a target is only pushed by the sparsity loss.
-    target_density: Mapping[str, float] = field(default_factory=lambda: {"weight": 0.05, "edge": 0.05})
+    granularity: tuple[str, ...] = ("neuron", "head")
+    # Kept fraction to reach per mask type; a type without a target is only pushed by the sparsity loss. Empty (the
+    # default): the keep search (search.py) finds the smallest sheaf of neurons and heads that keeps the task.
+    target_density: Mapping[str, float] = field(default_factory=dict)
+    # The floor: a sheaf keeps the task if its accuracy (and answer-balanced accuracy, where answers are skewed) is at
+    # least `keep` x the full model's. The keep search judges it on dev + select; export checks it on test.
+    keep: float = 0.95
+    # What a pruned head or neuron writes in the keep search: its mean output on the task ("mean") or zero.
+    ablation: str = "mean"
     schedule: str = "joint"  # "joint": all mask types together; "staged": DiscoGP's weights-then-edges
     # "concrete" (DiscoGP's straight-through binary concrete) | "hard_concrete" | "sigmoid" (noise-free: the mask is
     # sigmoid(logit / s), s the noise scale below acting as a temperature; gates.py)
@@ -111,7 +118,7 @@ class DiscoverConfig:
     # and these together. 0 = dev alone (100 items in BLiMP, 50 in IOI: one standard error ~0.05-0.07, and a
     # session-4 anaphor run stopped on a dev reading of 0.87 that scored 0.72 on test).
     select_items: int = 0
-    eval_every: int = 25
+    eval_every: int = 10
     checkpoint_every: int = 50
     early_stop: bool = True  # stop once every target is met and dev accuracy holds
     max_minutes: Optional[float] = None  # wall-clock budget; the run evaluates and stops when it is spent
@@ -170,8 +177,18 @@ class DiscoverConfig:
         for name in ("noise_start", "noise_final"):
             if not 0.0 < getattr(self, name) <= 1.0:
                 raise UserError(f"{name} must be in (0, 1], got {getattr(self, name)}")
+        if not 0.0 < self.keep <= 1.0:
+            raise UserError(f"--keep must be in (0, 1], the share of the full model's accuracy to keep; got {self.keep}")
+        if self.searches and set(self.granularity) - {"neuron", "head"}:
+            raise UserError(f"--granularity {','.join(self.granularity)} needs --target-density (e.g. weight=0.05,"
+                            "edge=0.05): without targets the keep search learns neuron and head masks")
         if not (0.0 <= self.warmup <= 1.0):
             raise UserError(f"warmup must be in [0, 1], got {self.warmup}")
+
+    @property
+    def searches(self) -> bool:
+        """No density targets (and not DiscoGP's staged preset): the keep search finds the density."""
+        return not self.target_density and self.schedule == "joint"
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -226,10 +243,8 @@ def resolve_config(*, yaml_path: Optional[Path] = None, overrides: Optional[Mapp
                 raise UserError(f"--{name.replace('_', '-')} must be a number, got {values[name]!r}") from None
     if isinstance(values.get("target_density"), str):
         values["target_density"] = parse_density(values["target_density"])
-    if "granularity" in values and "target_density" not in values:
-        # The default targets only make sense for the granularities asked for.
-        default = DiscoverConfig().target_density
-        values["target_density"] = {k: v for k, v in default.items() if k in values["granularity"]}
+    if values.get("target_density") and "granularity" not in values:
+        values["granularity"] = tuple(t for t in GRANULARITIES if t in values["target_density"])
     try:
         return DiscoverConfig(**values)
     except TypeError as e:

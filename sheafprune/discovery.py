@@ -1,4 +1,5 @@
-"""`discover`: the verb that learns a sheaf. Loads the model and task, trains the mask logits (train.py),
+"""`discover`: the verb that learns a sheaf. Loads the model and task, then either searches for the smallest sheaf
+that keeps the task (no density targets: search.py) or trains the mask logits to the given targets (train.py),
 measures the result on the test split, and returns (and optionally writes) the Sheaf."""
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from .config import DiscoverConfig
 from .errors import UserError
 from .io import check_out_dir
 from .masked import mask_shapes, masked_forward
+from .objective import sheaf_metrics
+from .search import KeepSearch, median_step_seconds, search_select_items
 from .models import fingerprint, load_model
 from .shard import footprint, mask_logits_for
 from .sheaf import Sheaf, save_sheaf, versions
@@ -38,6 +41,8 @@ def discover(cfg: DiscoverConfig, *, out: Optional[Path] = None, resume: bool = 
     from accelerate.utils import gather_object
 
     started = time.perf_counter()
+    if resume and cfg.searches:
+        raise UserError("--resume continues a run with --target-density; the keep search is short: run it again")
 
     # cpu=True on a machine without CUDA makes a torchrun-style launch (WORLD_SIZE > 1) a gloo process group.
     acc = accelerator or Accelerator(cpu=not torch.cuda.is_available())
@@ -67,11 +72,16 @@ def discover(cfg: DiscoverConfig, *, out: Optional[Path] = None, resume: bool = 
             view, b.input_ids.to(acc.device), attention_mask=b.attention_mask.to(acc.device),
             position_ids=b.position_ids.to(acc.device), masks=full), tokenizer)
         del full
-    task = hold_out(task, cfg.select_items)
+    task = hold_out(task, cfg.select_items or (search_select_items(task) if cfg.searches else 0))
     for split in ("train", "dev", "test"):
         if not task.items(split):
             raise UserError(f"task {cfg.task!r} has no {split} items; give it more items (--n-items or a bigger file)")
 
+    if cfg.searches:
+        sheaf = _search(cfg, view=view, tokenizer=tokenizer, task=task, acc=acc, work_dir=work_dir, started=started,
+                        progress=progress, model_fingerprint=model_fingerprint)
+        _finish(sheaf, acc=acc, out=out, work_dir=work_dir, overwrite=overwrite)
+        return sheaf
     trainer = Trainer(cfg=cfg, view=view, tokenizer=tokenizer, task=task, params=params, accelerator=acc,
                       work_dir=work_dir, progress=progress, started=started)
     if resume:
@@ -109,6 +119,7 @@ def discover(cfg: DiscoverConfig, *, out: Optional[Path] = None, resume: bool = 
         # seconds: training steps and dev evaluations (all sessions of a resumed run); wall_seconds: this process,
         # from loading the model to the test metrics (what --max-minutes bounds, with the training of earlier sessions)
         "training": {"steps": trainer.step, "seconds": round(trainer.elapsed, 1),
+                     "step_seconds": median_step_seconds(trainer.step_times),
                      "wall_seconds": round(time.perf_counter() - started, 1), "processes": acc.num_processes,
                      "best_step": None if trainer.best is None else trainer.best["step"],
                      # what the kept sheaf was judged on: dev, or dev + the select items held out of train
@@ -120,10 +131,48 @@ def discover(cfg: DiscoverConfig, *, out: Optional[Path] = None, resume: bool = 
         "versions": versions(),
     })
     sheaf.meta["density"] = sheaf.density()
+    _finish(sheaf, acc=acc, out=out, work_dir=work_dir, overwrite=overwrite)
+    return sheaf
+
+
+def _finish(sheaf: Sheaf, *, acc, out: Optional[Path], work_dir: Path, overwrite: bool) -> None:
+    """Write the sheaf (main process) and drop the run's work folder."""
     if out is not None and acc.is_main_process:
         save_sheaf(sheaf, Path(out), overwrite=overwrite)
-        shutil.rmtree(work_dir, ignore_errors=True)
-    elif out is None and acc.is_main_process:
+    if acc.is_main_process:
         shutil.rmtree(work_dir, ignore_errors=True)
     acc.wait_for_everyone()
+
+
+def _search(cfg: DiscoverConfig, *, view, tokenizer, task, acc, work_dir: Path, started: float, progress: bool,
+            model_fingerprint: str) -> Sheaf:
+    """The keep search (search.py) and its test metrics, as a Sheaf."""
+    if cfg.shard_masks:
+        raise UserError("--shard-masks shards weight masks; the keep search trains neuron and head masks only "
+                        "(give --target-density to train weight masks)")
+    log = None
+    if acc.is_main_process:
+        work_dir.mkdir(parents=True, exist_ok=True)
+        (work_dir / "metrics.jsonl").write_text("")
+        log = write_jsonl(work_dir / "metrics.jsonl")
+    result = KeepSearch(cfg=cfg, view=view, tokenizer=tokenizer, task=task, accelerator=acc, started=started,
+                        progress=progress).run(log=log)
+    masks = {**{k: (v > 0).float().to(acc.device) for k, v in result.logits.items()},
+             **{k: v.to(acc.device) for k, v in result.means.items()}}
+    complement = {**{k: (v <= 0).float().to(acc.device) for k, v in result.logits.items()},
+                  **{k: v.to(acc.device) for k, v in result.means.items()}}
+    metrics = sheaf_metrics(view, tokenizer, task, masks, complement, split="test",
+                            batch_size=max(cfg.batch_size, 32), device=acc.device)
+    best = result.best
+    sheaf = Sheaf(logits=result.logits, means=result.means, curve=result.curve, meta={
+        "format": "sheafprune.sheaf/1",
+        "model": {"name": cfg.model, "fingerprint": model_fingerprint, "family": view.spec.family},
+        "task": task.name, "granularity": list(cfg.granularity), "density": {}, "metrics": metrics,
+        "training": {"mode": "keep", "steps": result.steps, "step_seconds": median_step_seconds(result.step_seconds),
+                     "seconds": round(sum(result.step_seconds), 1),
+                     "wall_seconds": round(time.perf_counter() - started, 1), "processes": acc.num_processes,
+                     "best_step": best.step, "stopped": result.stopped,
+                     "best_judged": {"on": result.judged_on, **best.row()}, "task_notes": task.notes},
+        "config": cfg.to_dict(), "versions": versions()})
+    sheaf.meta["density"] = sheaf.density()
     return sheaf

@@ -28,7 +28,7 @@ from .arch import view_of
 from .errors import UserError
 from .io import check_writable_parent, read_json, write_json
 from .lm_tasks import BLIMP_BUILTIN, LmTask, is_ours, write_tasks
-from .masked import mask_shapes, masked_forward
+from .masked import mask_shapes, masked_forward, mean_shapes
 from .models import MODELS, SUPPORTED_FAMILIES, fingerprint, load_model
 from .sheaf import Sheaf, check_sheaf_matches, load_sheaf, versions
 from .tasks import load_task
@@ -185,7 +185,8 @@ def _load_checked(sheaf: Sheaf) -> tuple[Any, Any]:
     """The model a sheaf was made for, refused if its fingerprint or mask shapes differ."""
     model, tokenizer = load_model(sheaf.model_name)
     model.to(_device())
-    check_sheaf_matches(sheaf, expected_shapes=mask_shapes(view_of(model), sheaf.granularity),
+    view = view_of(model)
+    check_sheaf_matches(sheaf, expected_shapes={**mask_shapes(view, sheaf.granularity), **mean_shapes(view)},
                         fingerprint=fingerprint(model))
     return model, tokenizer
 

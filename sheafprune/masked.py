@@ -6,6 +6,8 @@ Masks are a flat mapping `key -> tensor` (absent key = all ones):
     neuron/{l}          (d_mlp,)  scales MLP hidden unit i    (neuron granularity)
     head/{l}            (n_heads,) scales head h's whole output, its output-bias share included, i.e. the node
     edge/...            see graph.py                          (edge granularity)
+    mean/head/{l}       (n_heads, D) what a pruned head writes instead of its output (mean ablation; absent = 0)
+    mean/neuron/{l}     (d_mlp,)     what a pruned neuron's hidden value becomes (mean ablation; absent = 0)
     masked/<hf name>    the already masked weight itself, read instead of the parameter and its w/ mask
                         (sharded training gathers it from the ranks' row shards, see shard.py)
 
@@ -247,10 +249,13 @@ def masked_forward(
     masks: Optional[Masks] = None,
     last_only: bool = False,
     edge_grad: str = "gradient",
+    taps: Optional[dict[str, Tensor]] = None,
 ) -> Tensor:
     """Logits (B, T, V) of `view.model` on `input_ids` (B, T) under `masks`; (B, 1, V) with `last_only`
     (a next-token task reads only the last position, and the unembedding is the largest matmul).
-    `edge_grad`: "gradient" (autograd's dL/dmask) or "secant" for the edge masks (flip_effects)."""
+    `edge_grad`: "gradient" (autograd's dL/dmask) or "secant" for the edge masks (flip_effects).
+    `taps`: a dict that receives every head's output `head/{l}` (H, B, T, D) and every MLP's hidden units
+    `neuron/{l}` (B, T, I), as computed before their masks (what mean ablation averages)."""
     masks = masks or {}
     if edge_grad not in ("gradient", "secant"):
         raise ValueError(f"edge_grad must be 'gradient' or 'secant', got {edge_grad!r}")
@@ -291,9 +296,15 @@ def masked_forward(
         heads = torch.matmul(z.reshape(h, bsz * t, hd), a.wo).reshape(h, bsz, t, -1)  # (H, B, T, D)
         if a.bo is not None:
             heads = heads + a.bo / h  # each head writes its share of the output bias
+        if taps is not None:
+            taps[f"head/{layer}"] = heads
         head_mask = masks.get(f"head/{layer}")
         if head_mask is not None:
-            heads = heads * head_mask[:, None, None, None]
+            hm = head_mask[:, None, None, None]  # (H, 1, 1, 1)
+            heads = heads * hm
+            head_mean = masks.get(f"mean/head/{layer}")
+            if head_mean is not None:  # mean ablation: a pruned head writes its mean output, a constant
+                heads = heads + (1 - hm) * head_mean[:, None, None, :]  # (H, B, T, D)
         stream.add(heads)
 
         m = view.mlp(layer, w)
@@ -304,9 +315,13 @@ def masked_forward(
             hidden = view.act(xm @ m.w_gate + (m.b_gate if m.b_gate is not None else 0)) * hidden
         else:
             hidden = view.act(hidden)
+        if taps is not None:
+            taps[f"neuron/{layer}"] = hidden.reshape(bsz, t, -1)
         neuron_mask = masks.get(f"neuron/{layer}")
         if neuron_mask is not None:
-            hidden = hidden * neuron_mask
+            neuron_mean = masks.get(f"mean/neuron/{layer}")
+            hidden = hidden * neuron_mask if neuron_mean is None else \
+                hidden * neuron_mask + (1 - neuron_mask) * neuron_mean  # (..., B, T, I)
         out = hidden @ m.w_out + (m.b_out if m.b_out is not None else 0)  # (..., B, T, D)
         stream.add(out.reshape(1, bsz, t, -1))
 
@@ -328,3 +343,10 @@ def mask_shapes(view: ArchView, granularity: tuple[str, ...] | list[str]) -> dic
     if "edge" in granularity:
         shapes.update(graph.edge_shapes())
     return shapes
+
+
+def mean_shapes(view: ArchView) -> dict[str, tuple[int, ...]]:
+    """Every mean-ablation key, with its shape: what a pruned head or neuron writes instead of its output."""
+    spec = view.spec
+    return {**{f"mean/head/{l}": (spec.n_heads, spec.d_model) for l in range(spec.n_layers)},
+            **{f"mean/neuron/{l}": (spec.d_mlp,) for l in range(spec.n_layers)}}

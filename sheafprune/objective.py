@@ -125,3 +125,18 @@ def metrics_from_scores(full: Tensor, sheaf: Tensor, complement: Tensor, target:
         "accuracy_kept": sheaf_acc / full_acc if full_acc > 0 else float("nan"),
         **balanced,
     }
+
+
+def floor_verdict(metrics: Mapping[str, float], keep: float) -> Optional[str]:
+    """None if the sheaf keeps the task on these metrics (accuracy, and answer-balanced accuracy where reported,
+    at least `keep` x the full model's); else one line that says by how much it misses."""
+    misses = []
+    for key, name in (("accuracy", "accuracy"), ("balanced_accuracy", "answer-balanced accuracy")):
+        full, sheaf = metrics.get(f"full_{key}"), metrics.get(f"sheaf_{key}")
+        if full is None or sheaf is None:
+            continue
+        if sheaf < keep * full - 1e-9:
+            misses.append(f"{name} {sheaf:.3f} < {keep:g} x full {full:.3f}")
+    if not misses:
+        return None
+    return f"{'; '.join(misses)} ({metrics.get('split', 'test')} split, n={metrics.get('n', '?')})"

@@ -1,7 +1,8 @@
 """The Sheaf artifact: mask logits plus what they were learned for, saved as a folder and validated on load.
 
 Folder layout (DESIGN.md section 3): `sheaf.json` (identity, densities, metrics, resolved config,
-versions), `masks.safetensors` (mask logits, keyed as in masked.py), `metrics.jsonl` (training curve).
+versions), `masks.safetensors` (mask logits, keyed as in masked.py, and under `mean/` the values pruned units write
+under mean ablation), `metrics.jsonl` (training curve).
 The sheaf's deterministic masks keep a unit iff its logit > 0.
 """
 
@@ -26,6 +27,7 @@ FORMAT = "sheafprune.sheaf/1"
 TASK_FILE = "task.jsonl"  # a jsonl:PATH task's items, copied in: a folder never points at files outside itself
 MASK_TYPES = ("weight", "neuron", "head", "edge")
 _PREFIX = {"weight": "w/", "neuron": "neuron/", "head": "head/", "edge": "edge/"}
+MEAN_PREFIX = "mean/"  # mean/head/{l} (H, D), mean/neuron/{l} (I,): what a pruned unit writes (masked.py)
 
 
 def mask_type(key: str) -> str:
@@ -51,6 +53,7 @@ class Sheaf:
     meta: dict[str, Any] = field(default_factory=dict)  # the content of sheaf.json
     curve: list[dict[str, Any]] = field(default_factory=list)  # training curve, one row per step (metrics.jsonl)
     folder: Optional[Path] = None  # the folder it was loaded from (where a jsonl task's items are read)
+    means: dict[str, Tensor] = field(default_factory=dict)  # mean/<type>/<l> -> what pruned units write (or empty)
 
     @property
     def model_name(self) -> str:
@@ -74,15 +77,15 @@ class Sheaf:
         return list(self.meta["granularity"])
 
     def masks(self) -> dict[str, Tensor]:
-        """The deterministic sheaf: keep iff logit > 0."""
-        return {k: (v > 0).float() for k, v in self.logits.items()}
+        """The deterministic sheaf (keep iff logit > 0), with the mean-ablation values the masked forward reads."""
+        return {**{k: (v > 0).float() for k, v in self.logits.items()}, **self.means}
 
     def complement_masks(self) -> dict[str, Tensor]:
-        """Everything the sheaf pruned (only the trained mask types are flipped; DESIGN.md defect 2)."""
-        return {k: 1.0 - m for k, m in self.masks().items()}
+        """Everything the sheaf pruned (only the trained mask types are flipped); pruned units still write their means."""
+        return {**{k: (v <= 0).float() for k, v in self.logits.items()}, **self.means}
 
     def density(self) -> dict[str, float]:
-        return density_of(self.masks())
+        return density_of({k: (v > 0).float() for k, v in self.logits.items()})
 
 
 def density_of(masks: dict[str, Tensor]) -> dict[str, float]:
@@ -102,7 +105,7 @@ def save_sheaf(sheaf: Sheaf, out: Path, *, overwrite: bool = False) -> Path:
     meta["format"] = FORMAT
     meta.setdefault("versions", versions())
     with atomic_dir(Path(out), overwrite=overwrite) as tmp:
-        save_file({k: v.detach().float().contiguous().cpu() for k, v in sheaf.logits.items()},
+        save_file({k: v.detach().float().contiguous().cpu() for k, v in {**sheaf.logits, **sheaf.means}.items()},
                   str(tmp / "masks.safetensors"))
         write_json(tmp / "sheaf.json", meta)
         (tmp / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in sheaf.curve))
@@ -135,9 +138,10 @@ def load_sheaf(path: Path) -> Sheaf:
         logits = load_file(str(masks_file))
     except (SafetensorError, OSError, ValueError) as e:
         raise UserError(f"{masks_file} is truncated or corrupt ({e}); re-run discovery") from None
-    for k, v in logits.items():
+    means = {k: logits.pop(k) for k in list(logits) if k.startswith(MEAN_PREFIX)}
+    for k, v in {**logits, **means}.items():
         try:
-            mask_type(k)
+            mask_type(k[len(MEAN_PREFIX):] if k.startswith(MEAN_PREFIX) else k)
         except ValueError:
             raise UserError(f"{masks_file} holds an unknown tensor {k!r}; it is not a sheafprune mask file") from None
         if not torch.isfinite(v).all():
@@ -148,7 +152,7 @@ def load_sheaf(path: Path) -> Sheaf:
         if not items.is_file() or items.resolve().parent != folder:  # a symlink may not lead out of the folder
             raise UserError(f"{path} has a jsonl task but no {TASK_FILE} of its own (sheaf folders never read items "
                             f"from outside themselves); re-run discovery with this sheafprune")
-    return Sheaf(logits=logits, meta=meta, curve=_read_curve(path / "metrics.jsonl"), folder=folder)
+    return Sheaf(logits=logits, means=means, meta=meta, curve=_read_curve(path / "metrics.jsonl"), folder=folder)
 
 
 def _check_meta(meta: dict[str, Any], where: Path) -> None:
@@ -186,7 +190,7 @@ def check_sheaf_matches(sheaf: Sheaf, *, expected_shapes: dict[str, tuple[int, .
     if sheaf.fingerprint != fingerprint:
         raise UserError(f"this sheaf was made for model {sheaf.model_name!r} with fingerprint "
                         f"{sheaf.fingerprint[:12]}, not the loaded model ({fingerprint[:12]}); pass the same --model")
-    for k, v in sheaf.logits.items():
+    for k, v in {**sheaf.logits, **sheaf.means}.items():
         if k not in expected_shapes or tuple(v.shape) != tuple(expected_shapes[k]):
             raise UserError(f"mask {k!r} has shape {tuple(v.shape)}, the model expects "
                             f"{expected_shapes.get(k)}; the sheaf does not belong to this model")

@@ -199,6 +199,7 @@ class Trainer:
         self.curve: list[dict[str, Any]] = []
         self.best: Optional[dict[str, Any]] = None  # {"step", "dev_accuracy", "logits"}
         self.step = 0
+        self.step_times: list[float] = []  # seconds of each optimizer step of this process (training.step_seconds)
         self.elapsed = 0.0
         self.optimizer = self._make_optimizer(self.stages[0])
         # Answer-balanced weights of each split (None where no candidate set has a skewed answer): the training
@@ -542,6 +543,7 @@ class Trainer:
         row = self.train_step()
         self.step += 1
         step_seconds = time.perf_counter() - t0
+        self.step_times.append(step_seconds)
         # Stop now if one more step and the closing evaluations would overrun the budget (spent = setup + earlier
         # steps + this one).
         out_of_time = self.cfg.max_minutes is not None and self._anyone(

@@ -496,7 +496,7 @@ def test_resume_after_interrupt_equals_uninterrupted(tmp_path, monkeypatch, init
 
 
 def test_staged_keeps_weight_masks_frozen_and_applied():
-    c = cfg(schedule="staged", steps=15, target_density="")
+    c = cfg(schedule="staged", steps=15, target_density="", granularity="weight,edge")
     stages = plan_stages(c)
     assert [(s.name, s.trained) for s in stages] == [("weights", ("weight",)), ("edges", ("edge",))]
     sheaf = discover(c, progress=False)
@@ -512,6 +512,7 @@ def _run(args, env=None, timeout=600):
 
 
 def test_cli_discover_writes_valid_sheaf(tmp_path):
+    """The default command: the keep search over neurons and heads."""
     out = tmp_path / "sheaf"
     r = _run([str(BIN / "sheafprune"), "discover", "--model", "tiny-gpt2", "--task", "ioi", "--steps", "50",
               "--out", str(out)])
@@ -519,7 +520,7 @@ def test_cli_discover_writes_valid_sheaf(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["masks.safetensors", "metrics.jsonl", "sheaf.json"]
     sheaf = load_sheaf(out)
     assert sheaf.meta["format"] == "sheafprune.sheaf/1" and sheaf.task == "ioi"
-    assert set(sheaf.meta["density"]) == {"weight", "edge"}
+    assert set(sheaf.meta["density"]) == {"neuron", "head"} and sheaf.meta["training"]["mode"] == "keep"
     assert {"full_accuracy", "sheaf_accuracy", "complement_accuracy", "kl", "n"} <= set(sheaf.meta["metrics"])
     assert len(sheaf.curve) == sheaf.meta["training"]["steps"] and "sheaf written" in r.stdout
 

@@ -57,7 +57,7 @@ def write_lines(path: Path, lines: list[str]) -> str:
 @pytest.mark.parametrize(
     ("spec", "sizes"),
     [
-        ("ioi", (400, 50, 50)),
+        ("ioi", (800, 100, 100)),
         ("blimp/anaphor_gender_agreement", (800, 100, 100)),  # a "choice" paradigm
         ("blimp/adjunct_island", (800, 100, 100)),  # a "sentence" paradigm
     ],

@@ -18,6 +18,11 @@ def model_card(meta: dict[str, Any], info: dict[str, Any], formats: list[str]) -
         "library_name: transformers",
         "tags: [sheafprune, pruning, sheaf]",
         "---",
+    ]
+    if info.get("not_kept"):
+        lines += [f"> **Warning: this model does not keep its task.** It misses the floor of {info['keep']:g} x the "
+                  f"full model's accuracy: {info['not_kept']}. Do not ship it as a model of this task.", ""]
+    lines += [
         f"# {model} sheaf for `{meta.get('task', '?')}`",
         "",
         f"A task-specific sub-network of `{model}` found by sheafprune (DiscoGP-style joint weight/edge "

@@ -21,7 +21,8 @@ from ..arch import view_of
 from ..compact import Compacted, compact
 from ..errors import UserError
 from ..io import atomic_dir, write_json
-from ..masked import Masks, default_position_ids, mask_shapes, masked_forward
+from ..objective import floor_verdict
+from ..masked import Masks, default_position_ids, mask_shapes, masked_forward, mean_shapes
 from ..sheaf import Sheaf, check_sheaf_matches, save_sheaf
 from . import modeling_sheaf
 from .card import model_card
@@ -87,10 +88,13 @@ def _formats(formats: Iterable[str] | str) -> set[str]:
 
 
 def export(sheaf: Sheaf, *, out: Path, formats: Iterable[str] | str = ("safetensors",), overwrite: bool = False,
-           model: Optional[torch.nn.Module] = None, tokenizer: Any = None) -> dict[str, Any]:
+           model: Optional[torch.nn.Module] = None, tokenizer: Any = None, keep: Optional[float] = None
+           ) -> dict[str, Any]:
     """Compact `sheaf`, check it against the masked model, write the export folder; return the "export" info.
 
     `model`/`tokenizer` default to `load_model(sheaf.model_name)`; either way the sheaf must match the model.
+    `keep` (default: the sheaf's own config, else 0.95): the floor its test metrics are checked against; a sheaf that
+    misses it is still written, with info["not_kept"] set and the model card saying so first.
     """
     from ..models import fingerprint, load_model
 
@@ -101,12 +105,15 @@ def export(sheaf: Sheaf, *, out: Path, formats: Iterable[str] | str = ("safetens
         raise UserError("export compares logits in fp32; load the model in float32 (the sheaf was made on it)")
     model.eval()
     view = view_of(model)
-    check_sheaf_matches(sheaf, expected_shapes=mask_shapes(view, sheaf.granularity), fingerprint=fingerprint(model))
+    check_sheaf_matches(sheaf, expected_shapes={**mask_shapes(view, sheaf.granularity), **mean_shapes(view)},
+                        fingerprint=fingerprint(model))
     masks = sheaf.masks()
     compacted = compact(view, masks)
     slim = compacted.to_model()
     ids, mask = held_out_batch(sheaf, tokenizer)
     info = {**_info(compacted, model), **check_exact(view, masks, slim, ids, mask)}
+    info["keep"] = keep if keep is not None else sheaf.meta.get("config", {}).get("keep", 0.95)
+    info["not_kept"] = floor_verdict(sheaf.meta.get("metrics", {}), info["keep"])
     with atomic_dir(Path(out), overwrite=overwrite) as tmp:
         if "safetensors" in fmts:
             save_model(slim, tmp)

@@ -13,7 +13,7 @@ from typing import Any
 from sheafprune.errors import UserError
 from sheafprune.tasks.base import Item, Task, make_splits
 
-DEFAULT_N = 500
+DEFAULT_N = 1000
 
 # Every name is one token with its leading space for GPT-2 BPE and for the SmolLM2 tokenizer
 # (tests/test_tasks.py checks GPT-2), so " IO" and " S" differ in their first token.

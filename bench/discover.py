@@ -2,7 +2,7 @@
 and DiscoGP's staged preset in the same budget. Records densities, accuracies (full / sheaf / complement on
 the test split), wall time and peak memory of each run, each run in its own process.
 
-    python -m bench.discover                       # the issue-3 runs (30 min budget each: hours in total)
+    python -m bench.discover                       # the weight+edge runs (30 min budget each: hours in total)
     python -m bench.discover --runs ioi-joint      # one of them
     python -m bench.discover --jobs 2              # two runs at a time, one thread each (half the wall time)
     python -m bench.discover --quick               # tiny-gpt2, a minute
@@ -36,26 +36,26 @@ RUNS = {
     "capitals-joint": ["--model", "smollm2-135m", "--task", "capitals", *JOINT],
     "sentence-joint": ["--model", "smollm2-135m", "--task", "blimp/determiner_noun_agreement_2", *JOINT],
     # Variants (not the defaults): see README, "Discovery on SmolLM2". anaphor-balanced is the acceptance run for
-    # anaphor (session 4); anaphor-joint keeps the defaults for comparison.
+    # anaphor; anaphor-joint keeps the defaults for comparison.
     "anaphor-nsgd": ["--model", "smollm2-135m", "--task", "blimp/anaphor_gender_agreement", *JOINT,
                      "--config", str(CONFIGS / "anaphor-nsgd.yaml")],
     "anaphor-balanced": ["--model", "smollm2-135m", "--task", "blimp/anaphor_gender_agreement", *JOINT,
                          "--steps", "150", "--config", str(CONFIGS / "anaphor-balanced.yaml")],
-    # Session 5: each alone on both cores (--jobs 1), 150 steps. IOI on 1000 generated items (dev and test 100 each).
+    # Each alone on both cores (--jobs 1), 150 steps. IOI on 1000 generated items (dev and test 100 each).
     "ioi-select": ["--model", "smollm2-135m", "--task", "ioi", *JOINT, "--steps", "150", "--n-items", "1000",
                    "--config", str(CONFIGS / "ioi-select.yaml")],
     "ioi-nsgd": ["--model", "smollm2-135m", "--task", "ioi", *JOINT, "--steps", "130", "--n-items", "1000",
                  "--config", str(CONFIGS / "ioi-nsgd.yaml")],
     "ioi-sharp": ["--model", "smollm2-135m", "--task", "ioi", *JOINT, "--steps", "130", "--n-items", "1000",
                   "--config", str(CONFIGS / "ioi-sharp.yaml")],
-    # Session 6: ioi-nsgd with the edge masks' secant estimator (edge_grad: secant), alone.
+    # ioi-nsgd with the edge masks' secant estimator (edge_grad: secant), alone.
     "ioi-secant": ["--model", "smollm2-135m", "--task", "ioi", *JOINT, "--steps", "130", "--n-items", "1000",
                    "--config", str(CONFIGS / "ioi-secant.yaml")],
     "ioi-joint-secant": ["--model", "smollm2-135m", "--task", "ioi", *JOINT,
                          "--config", str(CONFIGS / "ioi-joint-secant.yaml")],
     "anaphor-secant": ["--model", "smollm2-135m", "--task", "blimp/anaphor_gender_agreement", *JOINT,
                        "--steps", "150", "--config", str(CONFIGS / "anaphor-secant.yaml")],
-    # Session 7: the noise-free sigmoid gate with the margin loss, per-tensor ranks and the secant, alone.
+    # The noise-free sigmoid gate with the margin loss, per-tensor ranks and the secant, alone.
     "ioi-sigmoid": ["--model", "smollm2-135m", "--task", "ioi", *JOINT, "--steps", "130", "--n-items", "1000",
                     "--config", str(CONFIGS / "ioi-sigmoid.yaml")],
     "anaphor-sigmoid": ["--model", "smollm2-135m", "--task", "blimp/anaphor_gender_agreement", *JOINT,

@@ -243,6 +243,11 @@ def _build(view: ArchView, p: _Plan) -> Compacted:
                 spec["reads"][site], const = _reads(p, f"edge/{l}/{site}", cols)
                 if const.any():
                     spec["const"].append(site)
+                    if len(const) > 1 and bool((const == const[:1]).all()):
+                        # Every reader adds the same constant (no edge masks): one row, added to the shared input,
+                        # so the readers still read one input instead of one copy each.
+                        spec.setdefault("const_shared", []).append(site)
+                        const = const[:1]
                     t[pre + f"{site}_const"] = const
         if mlp_live:
             m, ni = lay.mlp, torch.tensor(lay.neurons)

@@ -106,7 +106,7 @@ class DiscoverConfig:
     # Where the attribution init ranks scores and nsgd takes its gradient RMS: over each mask type, or within each
     # tensor (one weight matrix, one reader group of edges). Measured on SmolLM2/IOI: ranked over the whole type,
     # some q_proj matrices keep 5-7% of their entries when the type keeps 35%, and weights-only sheaves broke
-    # between 38% and 26% kept; with per-tensor ranks and faith_loss margin they held to 5% (README, session 7).
+    # between 38% and 26% kept; with per-tensor ranks and faith_loss margin they held to 5% (docs/weight-edge-experiments.md).
     rank_within: str = "type"
     init_batches: int = 4
     init_mean: float = 1.0
@@ -116,12 +116,12 @@ class DiscoverConfig:
     # Items carved from the end of the train split (tasks.hold_out) that training never sees: a sheaf that might
     # beat the best so far on dev is also scored on them, and the best sheaf and early stopping are judged on dev
     # and these together. 0 = dev alone (100 items in BLiMP, 50 in IOI: one standard error ~0.05-0.07, and a
-    # session-4 anaphor run stopped on a dev reading of 0.87 that scored 0.72 on test).
+    # an anaphor run stopped on a dev reading of 0.87 that scored 0.72 on test).
     select_items: int = 0
     eval_every: int = 10
     checkpoint_every: int = 50
     early_stop: bool = True  # stop once every target is met and dev accuracy holds
-    max_minutes: Optional[float] = None  # wall-clock budget; the run evaluates and stops when it is spent
+    max_minutes: Optional[float] = 20.0  # wall-clock budget (2-core CPU default); the run evaluates and stops when it is spent
     # Under several processes: each rank holds only its rows of the weight-mask logits, their gradients and AdamW
     # state, and of the maskable weights (shard.py); the result equals the unsharded run's. One process: one shard.
     shard_masks: bool = False

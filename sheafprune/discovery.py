@@ -116,8 +116,8 @@ def discover(cfg: DiscoverConfig, *, out: Optional[Path] = None, resume: bool = 
         "granularity": list(cfg.granularity),
         "density": {},
         "metrics": metrics,
-        # seconds: training steps and dev evaluations (all sessions of a resumed run); wall_seconds: this process,
-        # from loading the model to the test metrics (what --max-minutes bounds, with the training of earlier sessions)
+        # seconds: training steps and dev evaluations (all runs of a resumed discovery); wall_seconds: this process,
+        # from loading the model to the test metrics (what --max-minutes bounds, with the training of earlier runs)
         "training": {"steps": trainer.step, "seconds": round(trainer.elapsed, 1),
                      "step_seconds": median_step_seconds(trainer.step_times),
                      "wall_seconds": round(time.perf_counter() - started, 1), "processes": acc.num_processes,

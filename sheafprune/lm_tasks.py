@@ -75,13 +75,14 @@ def _docs(name: str, *, seed: int, n: int | None) -> tuple[list[dict[str, Any]],
     if name.startswith(BLIMP_BUILTIN):
         rows = blimp.read_paradigm(name[len(BLIMP_BUILTIN):])
         return [{"sentence_good": r["sentence_good"], "sentence_bad": r["sentence_bad"]} for r in rows], "all", True
-    if name.startswith("blimp/"):
-        # The split depends only on the item count, seed and n, so whole-sentence items cut the same
-        # test split as the task discovery trained on (one-word "choice" items for some paradigms).
-        rows = blimp.read_paradigm(name[len("blimp/"):])
-        items = make_splits([blimp.to_item(r, "sentence") for r in rows], seed=seed, n=n)["test"]
-        return [{"sentence_good": it.candidates[0], "sentence_bad": it.candidates[1]} for it in items], "test", True
-    items: list[Item] = load_task(name, seed=seed, n=n).items("test")
+    task = load_task(name, seed=seed, n=n)
+    if task.kind == "sentence":  # whole-sentence pairs, scored as lm-eval scores BLiMP
+        return [{"sentence_good": it.candidates[0], "sentence_bad": it.candidates[1]} for it in task.items("test")], \
+            "test", True
+    # Next-word tasks (ioi, capitals, jsonl, and one-prefix BLiMP paradigms) are scored on the same test items and
+    # the same next-word choice as the sheaf was trained on, so `blimp/<p>` means one thing in every report;
+    # lm-eval's own whole-sentence benchmark is `blimp_<p>`.
+    items: list[Item] = task.items("test")
     return [{"prompt": it.prompt, "choices": list(it.candidates), "target": it.target} for it in items], "test", False
 
 

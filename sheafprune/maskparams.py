@@ -51,7 +51,7 @@ class MaskLogits(nn.Module):
 
         The noise depends only on `noise_seed`, so every rank (and a resumed run) draws the same masks.
         Types not in `trained` use `frozen_masks` (their deterministic masks) in both the sheaf and the
-        complement: only trained types are flipped (DESIGN.md defect 2).
+        complement: only trained types are flipped (DiscoGP's released code flips both).
         """
         g = torch.Generator().manual_seed(noise_seed)
         fn = GATES[gate]

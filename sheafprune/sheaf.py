@@ -1,6 +1,6 @@
 """The Sheaf artifact: mask logits plus what they were learned for, saved as a folder and validated on load.
 
-Folder layout (DESIGN.md section 3): `sheaf.json` (identity, densities, metrics, resolved config,
+Folder layout: `sheaf.json` (identity, densities, metrics, resolved config,
 versions), `masks.safetensors` (mask logits, keyed as in masked.py, and under `mean/` the values pruned units write
 under mean ablation), `metrics.jsonl` (training curve).
 The sheaf's deterministic masks keep a unit iff its logit > 0.

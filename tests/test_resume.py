@@ -1,7 +1,7 @@
 """Interrupting discovery anywhere (SIGKILL, SIGINT, a KeyboardInterrupt at each stage of a step) and resuming
 gives the very sheaf an uninterrupted run gives; checkpoints fall back past a corrupt newest one; a NaN loss stops
-the run with one clear line and keeps the last good checkpoint; killing an export leaves no folder or a whole one
-(issue 6)."""
+the run with one clear line and keeps the last good checkpoint; killing an export leaves no folder or a whole
+one."""
 
 from __future__ import annotations
 

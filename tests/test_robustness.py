@@ -1,5 +1,5 @@
 """Bad input ends in one `error: ...` line (exit 2), no traceback and nothing written; a full or unwritable disk
-leaves no partial files; nothing is unpickled and no foreign code is run (issue 6).
+leaves no partial files; nothing is unpickled and no foreign code is run.
 
 Most cases run the CLI in-process (`main(argv)`, the same code the entry point runs, ~4 s cheaper per case);
 a few run the installed `sheafprune` to prove the exit code and stderr of the real process.

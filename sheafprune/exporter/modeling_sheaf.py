@@ -80,8 +80,9 @@ class Stream:
     (W, B, T, D), so a reader gathers what it needs with a single index_select (or a free slice); while
     tracing for ONNX, as a list of chunks (n, B, T, D), one per add(), which exports to plain Gather/Concat."""
 
-    def __init__(self, n_writers: int) -> None:
+    def __init__(self, n_writers: int, *, keep_rows: bool = True) -> None:
         self.n_writers = n_writers
+        self.keep_rows = keep_rows  # False when every reader reads the running sum: no rows to keep
         self.chunks: list[Tensor] = []
         self.buf: Optional[Tensor] = None  # (W, B, T, D), eager only
         self.used = 0
@@ -89,9 +90,9 @@ class Stream:
 
     def add(self, chunk: Tensor) -> None:  # chunk (n, B, T, D)
         n = chunk.shape[0]
-        if torch.jit.is_tracing():
+        if self.keep_rows and torch.jit.is_tracing():
             self.chunks.append(chunk)
-        else:
+        elif self.keep_rows:
             if self.buf is None:
                 self.buf = chunk.new_empty((self.n_writers, *chunk.shape[1:]))
             self.buf[self.used:self.used + n] = chunk
@@ -182,8 +183,10 @@ class SheafLayer(nn.Module):
             self.v_b = nn.Parameter(torch.empty(self.n_kv, hd)) if bias else None
             self.o_b = nn.Parameter(torch.empty(d)) if bias else None  # each head's share of the output bias
             self.kv_of_q = torch.tensor(spec["kv_of_q"], dtype=torch.long, device="cpu")  # (H,)
+            shared = set(spec.get("const_shared", []))  # one constant row for all the site's readers
             for site, n in (("q", self.n_heads), ("k", self.n_kv), ("v", self.n_kv)):
-                self._reader(site, spec["reads"][site], chunks_before, n if site in const else 0, d)
+                self._reader(site, spec["reads"][site], chunks_before,
+                             (1 if site in shared else n) if site in const else 0, d)
         if self.n_neurons:
             i = self.n_neurons
             self.mlp_norm = Norm(config)
@@ -275,6 +278,8 @@ class SheafForCausalLM(SheafPreTrainedModel, GenerationMixin):
         self.lm_head = None if config.tie_head else nn.Linear(d, config.vocab_size, bias=False)
         self.out_reader = Reader([config.out_reads], chunks)
         self.n_writers = sum(len(c) for c in chunks)
+        readers = [self.out_reader] + [r for layer in layers for r in layer.readers.values()]
+        self.keep_rows = not all(r.reads_all for r in readers)
         self.out_const = nn.Parameter(torch.empty(d)) if config.out_const else None
         self.inv_freq = torch.tensor(config.rope_inv_freq, dtype=torch.float32, device="cpu")  # (hd/2,)
         self.post_init()
@@ -301,7 +306,7 @@ class SheafForCausalLM(SheafPreTrainedModel, GenerationMixin):
         x = self.embed(input_ids)  # (B, T, D)
         if self.pos is not None:
             x = x + self.pos(position_ids)
-        stream = Stream(self.n_writers)
+        stream = Stream(self.n_writers, keep_rows=self.keep_rows)
         stream.add(x.unsqueeze(0))
         bias = _attn_bias(attention_mask, x.dtype)  # (B, 1, T, T)
         rope = self._rope(position_ids)

@@ -45,7 +45,7 @@ class Compacted:
     def to_model(self) -> "SheafForCausalLM":  # noqa: F821 (imported here: exporter/ imports this module)
         from .exporter.modeling_sheaf import SheafConfig, SheafForCausalLM
 
-        model = SheafForCausalLM(SheafConfig(**self.config))
+        model = SheafForCausalLM(SheafConfig(**self.config)).to(next(iter(self.tensors.values())).dtype)
         missing, unexpected = model.load_state_dict(self.tensors, strict=False)
         assert not missing and not unexpected, f"state dict mismatch: missing {missing}, unexpected {unexpected}"
         return model.eval()
@@ -66,18 +66,22 @@ class _Layer:
 
 
 class _Plan:
-    def __init__(self, view: ArchView, masks: Masks):
-        self.view, self.spec, self.graph = view, view.spec, view.graph
+    def __init__(self, view: ArchView, masks: Masks, dtype: torch.dtype):
+        self.view, self.spec, self.graph, self.dtype = view, view.spec, view.graph, dtype
         s = self.spec
-        self.masks = {k: v.detach().float() for k, v in masks.items()}
+        self.masks = {k: v.detach().to(dtype) for k, v in masks.items()}
 
         def w(name: str) -> Tensor:
-            p = view.model.get_parameter(name).detach().float()
+            p = view.model.get_parameter(name).detach().to(dtype)
             m = self.masks.get("w/" + name)
             return p if m is None else p * m
 
-        ones = torch.ones
-        zeros = torch.zeros
+        def ones(*shape: int) -> Tensor:
+            return torch.ones(*shape, dtype=dtype)
+
+        def zeros(*shape: int) -> Tensor:
+            return torch.zeros(*shape, dtype=dtype)
+
         self.layers = [_Layer(view.attn(l, w), view.mlp(l, w), self.masks.get(f"head/{l}", ones(s.n_heads)),
                               self.masks.get(f"neuron/{l}", ones(s.d_mlp)),
                               self.masks.get(f"mean/head/{l}", zeros(s.n_heads, s.d_model)),
@@ -88,8 +92,8 @@ class _Plan:
     def edges(self, key: str) -> Tensor:
         """The 0/1 edge mask of `key` as (W, R) (absent = all kept)."""
         shape = self.graph.edge_shapes()[key]
-        m = self.masks.get(key, torch.ones(shape))
-        return (m.reshape(shape[0], -1) > 0).float()
+        m = self.masks.get(key, torch.ones(shape, dtype=self.dtype))
+        return (m.reshape(shape[0], -1) > 0).to(self.dtype)
 
     def const_input(self, col: Tensor) -> Optional[Tensor]:
         """A reader's input (D,) if every writer it reads (col (W,) 0/1) is constant, else None."""
@@ -100,7 +104,7 @@ class _Plan:
 
     def const_sum(self, col: Tensor) -> Tensor:
         """Sum of the constant writers' outputs a reader reads (its folded constant input), (D,)."""
-        total = torch.zeros(self.spec.d_model)
+        total = torch.zeros(self.spec.d_model, dtype=self.dtype)
         for r in col.nonzero().flatten().tolist():
             if self.const[r] is not None:
                 total = total + self.const[r]
@@ -113,7 +117,7 @@ class _Plan:
         for l, lay in enumerate(self.layers):
             a, base = lay.attn, g.writers_before_attn(l)
             ev = self.edges(f"edge/{l}/v")
-            share = a.bo / s.n_heads if a.bo is not None else torch.zeros(s.d_model)
+            share = a.bo / s.n_heads if a.bo is not None else torch.zeros(s.d_model, dtype=self.dtype)
             for h in range(s.n_heads):
                 kv = h // group
                 if lay.head_mask[h] == 0:
@@ -124,7 +128,7 @@ class _Plan:
                 if xv is not None:
                     v_const = self.view.norm("attn", l, xv) @ a.wv[kv] + (a.bv[kv] if a.bv is not None else 0)
                 elif not a.wv[kv].any():
-                    v_const = a.bv[kv] if a.bv is not None else torch.zeros(s.d_head)
+                    v_const = a.bv[kv] if a.bv is not None else torch.zeros(s.d_head, dtype=self.dtype)
                 if not a.wo[h].any():
                     self.const[base + h] = share.clone()
                 elif v_const is not None:  # softmax weights sum to 1: the head outputs its constant value
@@ -134,8 +138,8 @@ class _Plan:
     def sweep_mlp(self, l: int, lay: _Layer) -> None:
         m, view = lay.mlp, self.view
         d_mlp = m.w_out.shape[0]
-        b_in = m.b_in if m.b_in is not None else torch.zeros(d_mlp)
-        b_out = m.b_out if m.b_out is not None else torch.zeros(self.spec.d_model)
+        b_in = m.b_in if m.b_in is not None else torch.zeros(d_mlp, dtype=self.dtype)
+        b_out = m.b_out if m.b_out is not None else torch.zeros(self.spec.d_model, dtype=self.dtype)
         pruned_value = (1 - lay.neuron_mask) * lay.neuron_mean  # (I,) hidden value of pruned neurons
         j = self.graph.writers_before_mlp(l)
         xm = self.const_input(self.edges(f"edge/{l}/mlp")[:, 0])
@@ -149,7 +153,7 @@ class _Plan:
         alive = (lay.neuron_mask > 0) & m.w_out.any(dim=1)  # (I,)
         input_free = ~m.w_in.any(dim=0)  # (I,)
         if m.w_gate is not None:
-            b_gate = m.b_gate if m.b_gate is not None else torch.zeros(d_mlp)
+            b_gate = m.b_gate if m.b_gate is not None else torch.zeros(d_mlp, dtype=self.dtype)
             gate_free = ~m.w_gate.any(dim=0)
             const_value = view.act(b_gate) * b_in  # (I,) hidden value of an input-free neuron
             constant = input_free & gate_free
@@ -189,9 +193,10 @@ class _Plan:
         self.live[0] = True  # the embedding is always kept: it holds the token lookup
 
 
-def compact(view: ArchView, masks: Masks) -> Compacted:
-    """Compact `view.model` under deterministic 0/1 `masks` (mask keys as in masked.py)."""
-    p = _Plan(view, masks)
+def compact(view: ArchView, masks: Masks, *, dtype: torch.dtype = torch.float32) -> Compacted:
+    """Compact `view.model` under deterministic 0/1 `masks` (mask keys as in masked.py); constants are folded and
+    tensors stored in `dtype` (float64 lets the exactness gate check the method apart from fp32 rounding)."""
+    p = _Plan(view, masks, dtype)
     p.sweep_constants()
     p.sweep_liveness()
     return _build(view, p)
@@ -201,21 +206,21 @@ def _reads(p: _Plan, key: str, cols: list[int]) -> tuple[list[list[str]], Tensor
     """For kept readers `cols` of edge mask `key`: the kept writers each reads, and its constant (R, D)."""
     e, names = p.edges(key), p.graph.writers()
     lists = [[names[w] for w in e[:, c].nonzero().flatten().tolist() if p.live[w]] for c in cols]
-    const = torch.stack([p.const_sum(e[:, c]) for c in cols]) if cols else torch.zeros(0, p.spec.d_model)
+    const = torch.stack([p.const_sum(e[:, c]) for c in cols]) if cols else torch.zeros(0, p.spec.d_model, dtype=p.dtype)
     return lists, const
 
 
 def _build(view: ArchView, p: _Plan) -> Compacted:
     s, g, hf = p.spec, p.graph, _HF[p.spec.family]
     params = dict(view.model.named_parameters())
-    t: dict[str, Tensor] = {"embed.weight": params[hf["embed"]].detach().float()}
+    t: dict[str, Tensor] = {"embed.weight": params[hf["embed"]].detach().to(p.dtype)}
     if hf["pos"]:
-        t["pos.weight"] = params[hf["pos"]].detach().float()
+        t["pos.weight"] = params[hf["pos"]].detach().to(p.dtype)
 
     def norm(prefix: str, name: str) -> None:
-        t[prefix + ".weight"] = params[name + ".weight"].detach().float()
+        t[prefix + ".weight"] = params[name + ".weight"].detach().to(p.dtype)
         if s.norm == "layernorm":
-            t[prefix + ".bias"] = params[name + ".bias"].detach().float()
+            t[prefix + ".bias"] = params[name + ".bias"].detach().to(p.dtype)
 
     group = s.n_heads // s.n_kv_heads
     layers: list[dict[str, Any]] = []
@@ -278,7 +283,7 @@ def _build(view: ArchView, p: _Plan) -> Compacted:
     tied = params.get(hf["head"]) is None or params[hf["head"]] is params[hf["embed"]] or \
         params[hf["head"]].data_ptr() == params[hf["embed"]].data_ptr()
     if not tied:
-        t["lm_head.weight"] = params[hf["head"]].detach().float()
+        t["lm_head.weight"] = params[hf["head"]].detach().to(p.dtype)
     config = {
         "family": s.family, "vocab_size": s.vocab_size, "hidden_size": s.d_model, "head_dim": s.d_head,
         "norm": s.norm, "norm_eps": s.norm_eps, "hidden_act": s.act, "gated": s.gated, "positional": s.positional,

@@ -24,7 +24,7 @@ CONTROLS = ("kept", "expected", "project")
 RAMPS = ("linear", "cubic")
 OPTIMIZERS = ("adamw", "nsgd", "mixed")
 EDGE_GRADS = ("gradient", "secant")
-FAITH_LOSSES = ("ce", "margin")
+FAITH_LOSSES = ("ce", "margin", "kl")
 RANK_WITHIN = ("type", "tensor")
 
 # Options that take one of a few names, with the names they take.
@@ -76,8 +76,10 @@ class DiscoverConfig:
     control: str = "kept"
     dual_lr: float = 1.0  # dual-ascent step of the density controller's multipliers (a drift of lr * lambda)
     lambda_complete: float = 1.0  # weight of the completeness loss
-    # Faithfulness loss of training and of the attribution init: "ce" (DiscoGP's CE over the candidates) or "margin"
-    # (minus the right answer's logit margin over the others, objective.margin_loss: it does not saturate).
+    # Faithfulness loss of training: "ce" (DiscoGP's CE over the candidates), "margin" (minus the right answer's logit
+    # margin over the others, objective.margin_loss: it does not saturate) or "kl" (KL from the full model's
+    # distribution over the candidates, objective.kl_to_full). The attribution init scores with the CE under "kl",
+    # whose gradient is zero at the full model.
     faith_loss: str = "ce"
     # Next-token tasks: train faithfulness on the candidates' scores minus each answer token's batch mean
     # (objective.debias_tokens), so a sheaf cannot satisfy it with a fixed preference among the answer tokens.

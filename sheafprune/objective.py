@@ -41,7 +41,36 @@ def margin_loss(scores: Tensor, target: Tensor) -> Tensor:
     return (torch.logsumexp(others, dim=-1) - right).mean()
 
 
-FAITH_LOSSES = {"ce": faithfulness, "margin": margin_loss}
+def kl_to_full(scores: Tensor, full: Tensor) -> Tensor:
+    """KL(full || sheaf) of the candidate distributions, mean over items (Edge Pruning's faithfulness). Unlike the
+    CE it does not saturate on a sheaf surer than the full model, and a fixed answer preference does not pay."""
+    return F.kl_div(scores.float().log_softmax(-1), full.float().log_softmax(-1), log_target=True,
+                    reduction="batchmean")
+
+
+# (scores, target, full model's scores) -> loss
+FAITH_LOSSES = {"ce": lambda s, t, f: faithfulness(s, t), "margin": lambda s, t, f: margin_loss(s, t),
+                "kl": lambda s, t, f: kl_to_full(s, f)}
+
+
+class FullScores:
+    """The full model's candidate scores of a split's items, computed once per item: the full model never changes."""
+
+    def __init__(self, view: ArchView, task: Task, tokenizer, *, split: str = "train", device=None):
+        self.view, self.task, self.tok, self.device = view, task, tokenizer, device
+        self.items = task.items(split)
+        self.cache: dict[int, Tensor] = {}
+
+    @torch.no_grad()
+    def __call__(self, idx: Sequence[int]) -> Tensor:
+        """(B, C) scores of items `idx` of the split."""
+        missing = sorted({i for i in idx if i not in self.cache})
+        if missing:
+            batch = encode(self.task, [self.items[i] for i in missing], self.tok)
+            batch = batch.to(self.device) if self.device is not None else batch
+            for i, s in zip(missing, task_scores(self.view, batch, None).float()):
+                self.cache[i] = s
+        return torch.stack([self.cache[i] for i in idx])
 
 
 def debias_tokens(scores: Tensor, cand_ids: Tensor) -> Tensor:

@@ -25,14 +25,13 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from .arch import ArchView
 from .config import DiscoverConfig
 from .errors import RunFailed
-from .masked import masked_forward
-from .objective import accuracy, split_scores, task_scores
+from .masked import mask_shapes, masked_forward
+from .objective import FullScores, accuracy, kl_to_full, split_scores, task_scores
 from .tasks import Task, answer_weights, encode, score
 
 SEARCH_TYPES = ("neuron", "head")
@@ -160,13 +159,8 @@ class KeepSearch:
         self.cfg, self.view, self.tok, self.task, self.acc = cfg, view, tokenizer, task, accelerator
         self.device, self.started = accelerator.device, started
         self.progress = progress and accelerator.is_main_process
-        spec = view.spec
-        shapes = {}
-        if "neuron" in cfg.granularity:
-            shapes.update({f"neuron/{l}": (spec.d_mlp,) for l in range(spec.n_layers)})
-        if "head" in cfg.granularity:
-            shapes.update({f"head/{l}": (spec.n_heads,) for l in range(spec.n_layers)})
-        self.logits = {k: torch.full(s, INIT_LOGIT, device=self.device, requires_grad=True) for k, s in shapes.items()}
+        self.logits = {k: torch.full(s, INIT_LOGIT, device=self.device, requires_grad=True)
+                       for k, s in mask_shapes(view, cfg.granularity).items()}
         self.multipliers = {t: 0.0 for t in SEARCH_TYPES}
         self.n_units = {t: sum(v.numel() for k, v in self.logits.items() if k.startswith(t + "/")) for t in SEARCH_TYPES}
         self.unit_params = unit_params(view)
@@ -178,7 +172,7 @@ class KeepSearch:
         # Skewed right answers (BLiMP anaphor: ' herself' in 519 of 800 items): every right answer is drawn equally
         # often within its candidate set, so a fixed answer preference gains nothing in training.
         self.train_weights = answer_weights(self.train_items)
-        self.full_cache: dict[int, Tensor] = {}  # item index -> the full model's candidate scores (C,)
+        self.full_scores = FullScores(view, task, tokenizer, device=self.device)
         self.judge_split = ["dev"] + (["select"] if "select" in task.splits else [])
         self.judge_items = [it for s in self.judge_split for it in task.items(s)]
         self.judge_task = Task(task.name, task.kind, {"judge": self.judge_items})
@@ -221,23 +215,12 @@ class KeepSearch:
         mine = idx[self.acc.process_index * per:(self.acc.process_index + 1) * per]
         return encode(self.task, [self.train_items[i] for i in mine], self.tok).to(self.device), mine
 
-    @torch.no_grad()
-    def _full_scores(self, batch, idx: list[int]) -> Tensor:
-        missing = [i for i in idx if i not in self.full_cache]
-        if missing:
-            sub = encode(self.task, [self.train_items[i] for i in missing], self.tok).to(self.device)
-            for i, s in zip(missing, task_scores(self.view, sub, None).float()):
-                self.full_cache[i] = s
-        return torch.stack([self.full_cache[i] for i in idx])  # (B, C)
-
     def step(self, step: int) -> dict[str, Any]:
         target = ramp_target(step)
         temp = temperature(target)
         soft = {k: torch.sigmoid(v / temp) for k, v in self.logits.items()}
         batch, idx = self._batch(step)
-        full = self._full_scores(batch, idx)
-        sheaf = task_scores(self.view, batch, self.forward_masks(soft)).float()
-        kl = F.kl_div(sheaf.log_softmax(-1), full.log_softmax(-1), log_target=True, reduction="batchmean")
+        kl = kl_to_full(task_scores(self.view, batch, self.forward_masks(soft)), self.full_scores(idx))
         dens = {t: torch.cat([soft[k] for k in soft if k.startswith(t + "/")]).mean()
                 for t in SEARCH_TYPES if any(k.startswith(t + "/") for k in soft)}
         loss = kl + sum(self.multipliers[t] * d for t, d in dens.items())

@@ -29,7 +29,7 @@ from .config import DiscoverConfig
 from .errors import RunFailed, UserError
 from .gates import GATES, deterministic
 from .maskparams import MaskLogits, ramp, rank_group
-from .objective import FAITH_LOSSES, completeness, debias_tokens, metrics_from_scores, split_scores, task_scores
+from .objective import FAITH_LOSSES, FullScores, completeness, debias_tokens, metrics_from_scores, split_scores, task_scores
 from .sheaf import mask_type
 from .tasks import Task, answer_weights, encode
 
@@ -205,6 +205,7 @@ class Trainer:
         # Answer-balanced weights of each split (None where no candidate set has a skewed answer): the training
         # sampler uses them with cfg.balance_answers; dev and test metrics always report the balanced accuracy.
         # Dev and test are measured without the candidate sets that have one right answer: a fixed order scores chance.
+        self.full_scores = FullScores(view, task, tokenizer, device=self.device)
         self.answer_weights = {split: answer_weights(task.items(split), measure=split != "train")
                                for split in task.splits}
         t0 = time.perf_counter()
@@ -247,7 +248,8 @@ class Trainer:
         for b in tqdm(range(self.cfg.init_batches), desc="attribution", disable=not self.progress, leave=False):
             batch = self._local_batch(b)
             scores = task_scores(self.view, batch, self.params.for_forward(ones), edge_grad=self.cfg.edge_grad)
-            FAITH_LOSSES[self.cfg.faith_loss](scores, batch.target).backward()
+            init_loss = "ce" if self.cfg.faith_loss == "kl" else self.cfg.faith_loss  # KL's gradient is 0 here
+            FAITH_LOSSES[init_loss](scores, batch.target, None).backward()
         scores = {}
         for k, m in ones.items():
             g = m.grad if m.grad is not None else torch.zeros_like(m)
@@ -325,13 +327,17 @@ class Trainer:
     def evaluate(self, split: str, trained: tuple[str, ...], full=None) -> dict[str, float]:
         return _metrics(split, self._split_scores(split, trained, full), self.answer_weights.get(split))
 
+    def _local_indices(self, step: int) -> list[int]:
+        """This rank's training items of global step `step`."""
+        weights = self.answer_weights["train"] if self.cfg.balance_answers else None
+        idx = batch_indices(step, n=len(self.task.items("train")), size=self.cfg.batch_size, seed=self.cfg.seed,
+                            weights=weights)
+        per = self.cfg.batch_size // self.acc.num_processes
+        return idx[self.acc.process_index * per:(self.acc.process_index + 1) * per]
+
     def _local_batch(self, step: int):
         items = self.task.items("train")
-        weights = self.answer_weights["train"] if self.cfg.balance_answers else None
-        idx = batch_indices(step, n=len(items), size=self.cfg.batch_size, seed=self.cfg.seed, weights=weights)
-        per = self.cfg.batch_size // self.acc.num_processes
-        mine = idx[self.acc.process_index * per:(self.acc.process_index + 1) * per]
-        return encode(self.task, [items[i] for i in mine], self.tok).to(self.device)
+        return encode(self.task, [items[i] for i in self._local_indices(step)], self.tok).to(self.device)
 
     def _ramp_steps(self, stage: Stage) -> int:
         """Steps of the stage over which the density target (and the noise scale) ramp; after them the lr decays."""
@@ -367,7 +373,8 @@ class Trainer:
         scores = task_scores(self.view, batch, masks, edge_grad=self.cfg.edge_grad)
         if self.cfg.debias_tokens and batch.kind == "choice":
             scores = debias_tokens(scores, batch.cand_ids)
-        faith = FAITH_LOSSES[self.cfg.faith_loss](scores, batch.target)
+        full = self.full_scores(self._local_indices(self.step)) if self.cfg.faith_loss == "kl" else None
+        faith = FAITH_LOSSES[self.cfg.faith_loss](scores, batch.target, full)
         complete = completeness(task_scores(self.view, batch, comp, edge_grad=self.cfg.edge_grad))
         targets = self._targets_now(stage, local)
         if stage.sparsity == "controller":

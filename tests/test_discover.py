@@ -445,7 +445,35 @@ def test_margin_faith_loss_trains_to_the_target_and_bad_names_are_user_errors():
     assert d["weight"] <= 0.3 * 1.02 and d["edge"] <= 0.3 * 1.02, f"densities {d} missed target 0.3"
     assert run.meta["config"]["faith_loss"] == "margin"
     with pytest.raises(UserError, match="faith_loss"):
-        cfg(faith_loss="kl")
+        cfg(faith_loss="hinge")
+
+
+def test_kl_faithfulness_is_zero_at_the_full_model_and_trains_to_the_target(monkeypatch):
+    """KL from the full model's cached scores: 0 (to float rounding) with all masks 1, and a run meets its targets;
+    the full model scores each training item once however many steps see it."""
+    from sheafprune import objective
+    from sheafprune.arch import view_of
+    from sheafprune.models import load_model
+    from sheafprune.tasks import encode, load_task
+
+    model, tok = load_model("tiny-gpt2")
+    view, task = view_of(model), load_task("ioi", tok, n=40)
+    full = objective.FullScores(view, task, tok)
+    batch = encode(task, task.items("train")[:8], tok)
+    kl = objective.kl_to_full(objective.task_scores(view, batch, None), full(list(range(8))))
+    assert abs(kl.item()) < 1e-6, f"KL of the full model to itself: {kl.item():.3g}"
+    calls = {"n": 0}
+    real = objective.FullScores.__call__
+
+    def counting(self, idx):
+        calls["n"] += len({i for i in idx if i not in self.cache})
+        return real(self, idx)
+
+    monkeypatch.setattr(objective.FullScores, "__call__", counting)
+    run = discover(cfg(faith_loss="kl", steps=12, control="project", early_stop=False), progress=False)
+    d = run.density()
+    assert d["weight"] <= 0.3 * 1.02 and d["edge"] <= 0.3 * 1.02, f"densities {d} missed target 0.3"
+    assert 0 < calls["n"] <= 64, f"the full model scored {calls['n']} items for 64 train items"
 
 
 def test_config_names_the_gates_and_losses_the_code_has():

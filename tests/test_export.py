@@ -145,11 +145,11 @@ def test_gate_refuses_and_writes_nothing(gpt2, tmp_path, monkeypatch):
     model, tok = gpt2
     real = hf.compact
 
-    def corrupt(view, masks):
-        c = real(view, masks)
+    def corrupt(view, masks, **kw):  # a compaction bug: in fp32 and in the gate's fp64 recompaction alike
+        c = real(view, masks, **kw)
         key = next(k for k in c.tensors if k.endswith("o_w"))
         # random, not uniform: layernorm cancels a shift along the all-ones direction
-        c.tensors[key] = c.tensors[key] + 1e-3 * torch.randn(c.tensors[key].shape)
+        c.tensors[key] = c.tensors[key] + 1e-3 * torch.randn(c.tensors[key].shape, dtype=c.tensors[key].dtype)
         return c
 
     monkeypatch.setattr(hf, "compact", corrupt)

@@ -30,6 +30,7 @@ RESULTS = Path(__file__).parent / "results"
 PANEL = ["ioi", "blimp/anaphor_gender_agreement", "blimp/regular_plural_subject_verb_agreement_1",
          "blimp/determiner_noun_agreement_2", "capitals", "jsonl"]
 QUICK = ["ioi", "jsonl"]
+JSONL_LABEL = "jsonl (anaphor_number_agreement)"
 
 
 def write_jsonl_task(path: Path) -> Path:
@@ -132,13 +133,14 @@ def main(argv: list[str] | None = None) -> int:
     extra = ["--max-minutes", "1", "--n-items", "200"] if args.quick else []
     RESULTS.mkdir(exist_ok=True)
     path = RESULTS / f"keep{'_quick' if args.quick else ''}.json"
-    rows = [r for r in (json.loads(path.read_text()) if path.exists() else []) if r["task"] not in tasks]
+    labels = [JSONL_LABEL if t == "jsonl" else t for t in tasks]
+    rows = [r for r in (json.loads(path.read_text()) if path.exists() else []) if r["task"] not in labels]
     with tempfile.TemporaryDirectory(prefix="sheafprune-keep-") as tmp:
         work = Path(tmp)
         for spec in tasks:
             task = f"jsonl:{write_jsonl_task(work / 'anaphor_number.jsonl')}" if spec == "jsonl" else spec
             row = run_task(model, task, work, extra)
-            row["task"] = "jsonl (anaphor_number_agreement)" if spec == "jsonl" else spec
+            row["task"] = JSONL_LABEL if spec == "jsonl" else spec
             rows.append(row)
             print(json.dumps(row), flush=True)
             path.write_text(json.dumps(rows, indent=1))

@@ -31,7 +31,7 @@ from .arch import ArchView
 from .config import DiscoverConfig
 from .errors import RunFailed
 from .masked import mask_shapes, masked_forward
-from .objective import FullScores, accuracy, faithfulness, kl_to_full, split_scores, task_scores
+from .objective import FullScores, accuracy, kl_to_full, split_scores, task_scores
 from .tasks import Task, answer_weights, encode, score
 
 SEARCH_TYPES = ("neuron", "head")
@@ -39,8 +39,6 @@ FLOOR = 0.02  # the smallest density tried (a few heads and ~30 neurons per laye
 HALVING_STEPS = 40  # steps per halving of the target density
 T_FINAL = 0.05  # the temperature reached at the floor: sigmoid(logit / T) is then near 0/1 for |logit| > 0.2
 INIT_LOGIT = 2.0  # sigmoid(2) = 0.88: every unit starts kept
-INIT_SPREAD = 1.0  # initial logits spread over INIT_LOGIT +- INIT_SPREAD by attribution rank
-ATTRIBUTION_BATCHES = 4  # training batches the attribution scores are summed over
 DUAL_LR = 2.0  # dual-ascent step of the density multipliers
 PATIENCE = 3  # failed judgements in a row that end the search
 MEAN_ITEMS = 256  # training items the unit means are taken over
@@ -182,29 +180,6 @@ class KeepSearch:
         t0 = time.perf_counter()
         self.judge_full = self._judge_scores(None)
         self.judge_seconds = time.perf_counter() - t0
-        self._init_from_attribution()
-
-    def _init_from_attribution(self) -> None:
-        """Rank each type's units by |dCE/dmask| at the full model, summed over a few training batches: under mean
-        ablation that is (output - mean) . dCE/doutput, the first-order cost of removing the unit. The logits start
-        spread by that rank, so the first units the density pushes out are the least used ones, not an arbitrary
-        order (Adam moves every logit by about the same step, whatever its gradient's size). The KL's gradient is
-        zero at the full model, hence the CE toward the right answers."""
-        ones = {k: torch.ones_like(v, requires_grad=True) for k, v in self.logits.items()}
-        for b in range(ATTRIBUTION_BATCHES):
-            batch, _ = self._batch(b)
-            faithfulness(task_scores(self.view, batch, self.forward_masks(ones)), batch.target).backward()
-        with torch.no_grad():
-            for t, (keys, flat) in _by_type({k: v.grad for k, v in ones.items()}).items():
-                scores = flat.abs()
-                if self.acc.num_processes > 1:
-                    scores = self.acc.reduce(scores, reduction="mean")
-                rank = scores.argsort().argsort().float() / max(scores.numel() - 1, 1)  # 0 = least used
-                start = 0
-                for k in keys:
-                    n = self.logits[k].numel()
-                    self.logits[k].copy_((INIT_LOGIT + INIT_SPREAD * (2 * rank[start:start + n] - 1)).view_as(self.logits[k]))
-                    start += n
 
     def _judge_scores(self, masks: Optional[dict[str, Tensor]]) -> tuple[Tensor, Tensor]:
         return split_scores(self.view, self.tok, self.judge_task, masks, split="judge",

@@ -139,3 +139,4 @@ def test_export_that_misses_the_floor_exits_3_and_says_so(searched, tmp_path, ca
     card = (tmp_path / "lost" / "README.md").read_text().split("---")[2].strip().splitlines()
     assert card[0].startswith("> **Warning: this model does not keep its task.**"), card[:3]
     assert json.loads((tmp_path / "lost" / "sheaf.json").read_text())["export"]["not_kept"]
+

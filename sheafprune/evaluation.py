@@ -28,7 +28,7 @@ from .arch import view_of
 from .errors import UserError
 from .io import check_writable_parent, read_json, write_json
 from .lm_tasks import BLIMP_BUILTIN, LmTask, is_ours, write_tasks
-from .masked import mask_shapes, masked_forward, mean_shapes
+from .masked import masked_forward, sheaf_shapes
 from .models import MODELS, SUPPORTED_FAMILIES, fingerprint, load_model
 from .sheaf import Sheaf, check_sheaf_matches, load_sheaf, versions
 from .tasks import load_task
@@ -185,8 +185,7 @@ def _load_checked(sheaf: Sheaf) -> tuple[Any, Any]:
     """The model a sheaf was made for, refused if its fingerprint or mask shapes differ."""
     model, tokenizer = load_model(sheaf.model_name)
     model.to(_device())
-    view = view_of(model)
-    check_sheaf_matches(sheaf, expected_shapes={**mask_shapes(view, sheaf.granularity), **mean_shapes(view)},
+    check_sheaf_matches(sheaf, expected_shapes=sheaf_shapes(view_of(model), sheaf.granularity),
                         fingerprint=fingerprint(model))
     return model, tokenizer
 

@@ -350,3 +350,8 @@ def mean_shapes(view: ArchView) -> dict[str, tuple[int, ...]]:
     spec = view.spec
     return {**{f"mean/head/{l}": (spec.n_heads, spec.d_model) for l in range(spec.n_layers)},
             **{f"mean/neuron/{l}": (spec.d_mlp,) for l in range(spec.n_layers)}}
+
+
+def sheaf_shapes(view: ArchView, granularity: tuple[str, ...] | list[str]) -> dict[str, tuple[int, ...]]:
+    """Every tensor a sheaf of these granularities may hold for this model: its masks and mean-ablation values."""
+    return {**mask_shapes(view, granularity), **mean_shapes(view)}

@@ -21,8 +21,8 @@ from ..arch import view_of
 from ..compact import Compacted, compact
 from ..errors import UserError
 from ..io import atomic_dir, write_json
+from ..masked import Masks, default_position_ids, masked_forward, sheaf_shapes
 from ..objective import floor_verdict
-from ..masked import Masks, default_position_ids, mask_shapes, masked_forward, mean_shapes
 from ..sheaf import Sheaf, check_sheaf_matches, save_sheaf
 from . import modeling_sheaf
 from .card import model_card
@@ -109,8 +109,7 @@ def export(sheaf: Sheaf, *, out: Path, formats: Iterable[str] | str = ("safetens
         raise UserError("export compares logits in fp32; load the model in float32 (the sheaf was made on it)")
     model.eval()
     view = view_of(model)
-    check_sheaf_matches(sheaf, expected_shapes={**mask_shapes(view, sheaf.granularity), **mean_shapes(view)},
-                        fingerprint=fingerprint(model))
+    check_sheaf_matches(sheaf, expected_shapes=sheaf_shapes(view, sheaf.granularity), fingerprint=fingerprint(model))
     masks = sheaf.masks()
     compacted = compact(view, masks)
     slim = compacted.to_model()

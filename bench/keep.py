@@ -43,7 +43,7 @@ def write_jsonl_task(path: Path) -> Path:
     return path
 
 
-def forward_speedup(model_name: str, export_dir: Path, task_spec: str, repeats: int = 5) -> dict:
+def forward_speedup(model_name: str, export_dir: Path, task_spec: str, n: int | None = None, repeats: int = 5) -> dict:
     """Median seconds of the full HF model and of the export on the task's test prompts (one batch)."""
     from sheafprune.exporter import load
     from sheafprune.models import load_model
@@ -51,7 +51,7 @@ def forward_speedup(model_name: str, export_dir: Path, task_spec: str, repeats: 
 
     full, tok = load_model(model_name)
     slim = load(export_dir)
-    task = load_task(task_spec, tok, seed=0)
+    task = load_task(task_spec, tok, seed=0, n=n)
     batch = encode(task, task.items("test"), tok)
     kw = dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
     times = {"full": [], "export": []}
@@ -103,7 +103,8 @@ def run_task(model: str, spec: str, work: Path, extra: list[str]) -> dict:
            "non_embedding_kept": round(non_embedding_params(out) / full_ne, 4), "params": e["params"],
            "density": meta["density"], "step_seconds": meta["training"].get("step_seconds"),
            "stopped": meta["training"].get("stopped"), "not_kept": e.get("not_kept"),
-           **forward_speedup(model, out, meta["task"] if not spec.startswith("jsonl") else spec)}
+           **forward_speedup(model, out, meta["task"] if not spec.startswith("jsonl") else spec,
+                             n=meta["config"].get("n_items"))}
     if "sheaf_balanced_accuracy" in m:
         row.update(full_balanced=m["full_balanced_accuracy"], export_balanced=m["sheaf_balanced_accuracy"],
                    balanced_ratio=round(m["sheaf_balanced_accuracy"] / m["full_balanced_accuracy"], 3))

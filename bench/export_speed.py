@@ -63,9 +63,9 @@ def _time_pair(fns: dict[str, Callable[[], Any]], reps: int) -> dict[str, float]
 def _ort(path: Path, ids: torch.Tensor, mask: torch.Tensor) -> Callable[[], Any]:
     import onnxruntime as ort
 
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    runner = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     feed = {"input_ids": ids.numpy(), "attention_mask": mask.numpy()}
-    return lambda: session.run(["logits"], feed)
+    return lambda: runner.run(["logits"], feed)
 
 
 def bench_one(name: str, sheaf: Sheaf | None, *, density: float, reps: int, workdir: Path) -> dict[str, Any]:

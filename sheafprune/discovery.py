@@ -157,22 +157,20 @@ def _search(cfg: DiscoverConfig, *, view, tokenizer, task, acc, work_dir: Path, 
         log = write_jsonl(work_dir / "metrics.jsonl")
     result = KeepSearch(cfg=cfg, view=view, tokenizer=tokenizer, task=task, accelerator=acc, started=started,
                         progress=progress).run(log=log)
-    masks = {**{k: (v > 0).float().to(acc.device) for k, v in result.logits.items()},
-             **{k: v.to(acc.device) for k, v in result.means.items()}}
-    complement = {**{k: (v <= 0).float().to(acc.device) for k, v in result.logits.items()},
-                  **{k: v.to(acc.device) for k, v in result.means.items()}}
-    metrics = sheaf_metrics(view, tokenizer, task, masks, complement, split="test",
-                            batch_size=max(cfg.batch_size, 32), device=acc.device)
     best = result.best
     sheaf = Sheaf(logits=result.logits, means=result.means, curve=result.curve, meta={
         "format": "sheafprune.sheaf/1",
         "model": {"name": cfg.model, "fingerprint": model_fingerprint, "family": view.spec.family},
-        "task": task.name, "granularity": list(cfg.granularity), "density": {}, "metrics": metrics,
+        "task": task.name, "granularity": list(cfg.granularity), "density": {},
         "training": {"mode": "keep", "steps": result.steps, "step_seconds": median_step_seconds(result.step_seconds),
-                     "seconds": round(sum(result.step_seconds), 1),
-                     "wall_seconds": round(time.perf_counter() - started, 1), "processes": acc.num_processes,
+                     "seconds": round(sum(result.step_seconds), 1), "processes": acc.num_processes,
                      "best_step": best.step, "stopped": result.stopped,
                      "best_judged": {"on": result.judged_on, **best.row()}, "task_notes": task.notes},
         "config": cfg.to_dict(), "versions": versions()})
+    on_device = lambda masks: {k: v.to(acc.device) for k, v in masks.items()}  # noqa: E731
+    sheaf.meta["metrics"] = sheaf_metrics(view, tokenizer, task, on_device(sheaf.masks()),
+                                          on_device(sheaf.complement_masks()), split="test",
+                                          batch_size=max(cfg.batch_size, 32), device=acc.device)
+    sheaf.meta["training"]["wall_seconds"] = round(time.perf_counter() - started, 1)
     sheaf.meta["density"] = sheaf.density()
     return sheaf

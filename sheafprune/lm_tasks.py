@@ -26,7 +26,6 @@ import yaml
 
 from sheafprune.tasks import Item, load_task
 from sheafprune.tasks import blimp
-from sheafprune.tasks.base import make_splits
 
 PREFIX = "sheafprune_"
 BLIMP_BUILTIN = "blimp_"  # lm-eval's names: blimp_<paradigm>

@@ -31,8 +31,8 @@ from .arch import ArchView
 from .config import DiscoverConfig
 from .errors import RunFailed
 from .masked import mask_shapes, masked_forward
-from .objective import FullScores, accuracy, kl_to_full, split_scores, task_scores
-from .tasks import Task, answer_weights, encode, score
+from .objective import FullScores, accuracy, floor_verdict, kl_to_full, split_scores, task_scores
+from .tasks import Task, answer_weights, encode
 
 SEARCH_TYPES = ("neuron", "head")
 FLOOR = 0.02  # the smallest density tried (a few heads and ~30 neurons per layer of SmolLM2)
@@ -127,10 +127,11 @@ class Judgement:
     logits: dict[str, Tensor] = field(default_factory=dict, repr=False)  # when judged: their top-k is `masks`
 
     def holds(self, keep: float) -> bool:
-        ok = self.accuracy >= keep * self.full_accuracy - 1e-9
+        """The floor rule export applies to test metrics (objective.floor_verdict), on the judged items."""
+        metrics = {"full_accuracy": self.full_accuracy, "sheaf_accuracy": self.accuracy}
         if self.balanced is not None:
-            ok = ok and self.balanced >= keep * self.full_balanced - 1e-9
-        return ok
+            metrics.update(full_balanced_accuracy=self.full_balanced, sheaf_balanced_accuracy=self.balanced)
+        return floor_verdict(metrics, keep) is None
 
     def row(self) -> dict[str, Any]:
         out = {"density": {t: round(d, 5) for t, d in self.density.items()}, "size": round(self.size, 5), "accuracy": self.accuracy, "full_accuracy": self.full_accuracy}
@@ -268,8 +269,9 @@ class KeepSearch:
                 if step % self.cfg.eval_every == 0 or out_of_time or at_floor:
                     # The hard sheaf where the soft one is: the target once the soft density has reached it.
                     j = self.judge(step, {t: max(row["target"], d) for t, d in row["density"].items()})
-                    row["judged"] = {**j.row(), "holds": j.holds(self.cfg.keep)}
-                    if j.holds(self.cfg.keep):
+                    holds = j.holds(self.cfg.keep)
+                    row["judged"] = {**j.row(), "holds": holds}
+                    if holds:
                         fails = 0
                         if j.size < best.size:
                             best = j

@@ -56,8 +56,8 @@ def onnx_logits(path: Path, *, input_ids: Tensor, attention_mask: Tensor) -> Ten
         import onnxruntime as ort
     except ImportError:
         raise UserError("checking the ONNX model needs onnxruntime: pip install onnxruntime") from None
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    (logits,) = session.run(["logits"], {"input_ids": input_ids.long().numpy(),
+    runner = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (logits,) = runner.run(["logits"], {"input_ids": input_ids.long().numpy(),
                                          "attention_mask": attention_mask.long().numpy()})
     return torch.from_numpy(logits)
 

@@ -19,7 +19,7 @@ def add_discover_options(p: argparse.ArgumentParser, *, required: bool = True) -
                         "sheaf that keeps the task)")
     p.add_argument("--keep", type=float, help="the floor: share of the full model's accuracy to keep (default 0.95)")
     p.add_argument("--schedule", choices=SCHEDULES, help="joint (default) or DiscoGP's staged weights-then-edges")
-    p.add_argument("--gate", choices=GATES, help="concrete (DiscoGP's, default), hard_concrete or sigmoid (noise-free)")
+    p.add_argument("--gate", choices=GATES, help="concrete (DiscoGP's, default) or sigmoid (noise-free)")
     p.add_argument("--init", choices=INITS,
                    help="initial mask logits: DiscoGP's constant N(1, 0.01) (default) or ranked by attribution on the full model")
     p.add_argument("--steps", type=int)

@@ -17,12 +17,12 @@ from .errors import UserError
 
 GRANULARITIES = ("weight", "neuron", "head", "edge")
 ABLATIONS = ("mean", "zero")
-GATES = ("concrete", "hard_concrete", "sigmoid")
+GATES = ("concrete", "sigmoid")
 SCHEDULES = ("joint", "staged")
 INITS = ("attribution", "constant")
-CONTROLS = ("kept", "expected", "project")
+CONTROLS = ("kept", "project")
 RAMPS = ("linear", "cubic")
-OPTIMIZERS = ("adamw", "nsgd", "mixed")
+OPTIMIZERS = ("adamw", "nsgd")
 EDGE_GRADS = ("gradient", "secant")
 FAITH_LOSSES = ("ce", "margin", "kl")
 RANK_WITHIN = ("type", "tensor")
@@ -49,7 +49,7 @@ class DiscoverConfig:
     # What a pruned head or neuron writes in the keep search: its mean output on the task ("mean") or zero.
     ablation: str = "mean"
     schedule: str = "joint"  # "joint": all mask types together; "staged": DiscoGP's weights-then-edges
-    # "concrete" (DiscoGP's straight-through binary concrete) | "hard_concrete" | "sigmoid" (noise-free: the mask is
+    # "concrete" (DiscoGP's straight-through binary concrete) | "sigmoid" (noise-free: the mask is
     # sigmoid(logit / s), s the noise scale below acting as a temperature; gates.py)
     gate: str = "concrete"
     steps: int = 300  # optimizer steps (each stage gets all of them in "staged")
@@ -60,8 +60,7 @@ class DiscoverConfig:
     lr_final: Optional[float] = None
     # "adamw" (DiscoGP's); "nsgd": SGD with EMA momentum on gradients divided by their RMS over the whole mask
     # type, so a logit moves in proportion to its gradient (AdamW normalizes each entry by its own history: one
-    # spike of any size moves a logit by ~6 lr); "mixed": nsgd for the weight masks, AdamW for the others (few,
-    # coarse units whose gradients a handful of massive-activation writers dominate).
+    # spike of any size moves a logit by ~6 lr).
     optimizer: str = "adamw"
     # What the edge masks' straight-through estimator uses for dL/dmask: "gradient", autograd's (DiscoGP's), or
     # "secant", the loss change of flipping the edge taken exactly through its reader's norm and to first order
@@ -69,9 +68,8 @@ class DiscoverConfig:
     # (the norm undoes its scaling) yet breaks the reader when zero-ablated.
     edge_grad: str = "gradient"
     adam_beta2: float = 0.9  # shorter memory than 0.999: straight-through gradients of tau=0.01 gates are rare spikes
-    # What the density controller holds at the target: "kept", the deterministic sheaf's density (logit > 0),
-    # or "expected", the mean P(keep) of the masks sampled at the current noise scale (maskparams.py); "project"
-    # has no multiplier: after every step each type's logits are shifted so the sheaf keeps exactly the ramp's
+    # How the density follows the target: "kept", a dual-ascent multiplier on the deterministic sheaf's density
+    # (logit > 0, maskparams.py); "project" has no multiplier: after every step each type's logits are shifted so the sheaf keeps exactly the ramp's
     # density (top-k by logit).
     control: str = "kept"
     dual_lr: float = 1.0  # dual-ascent step of the density controller's multipliers (a drift of lr * lambda)
@@ -81,9 +79,6 @@ class DiscoverConfig:
     # distribution over the candidates, objective.kl_to_full). The attribution init scores with the CE under "kl",
     # whose gradient is zero at the full model.
     faith_loss: str = "ce"
-    # Next-token tasks: train faithfulness on the candidates' scores minus each answer token's batch mean
-    # (objective.debias_tokens), so a sheaf cannot satisfy it with a fixed preference among the answer tokens.
-    debias_tokens: bool = False
     # Draw training items so that, within each candidate set, every right answer is drawn equally often
     # (tasks.answer_weights), and pick the best sheaf / stop early on the answer-balanced dev accuracy: a sheaf
     # that only prefers some answer tokens whatever the prompt then gains nothing in training or in selection.
@@ -114,7 +109,6 @@ class DiscoverConfig:
     init_mean: float = 1.0
     init_std: float = 0.01
     n_items: Optional[int] = None  # task size where the task generates items (ioi)
-    filter_correct: bool = False  # keep only items the full model gets right
     # Items carved from the end of the train split (tasks.hold_out) that training never sees: a sheaf that might
     # beat the best so far on dev is also scored on them, and the best sheaf and early stopping are judged on dev
     # and these together. 0 = dev alone (100 items in BLiMP, 50 in IOI: one standard error ~0.05-0.07, and a
@@ -144,7 +138,7 @@ class DiscoverConfig:
                 raise UserError(f"--target-density names {t!r}, which is not in --granularity {','.join(self.granularity)}")
             if isinstance(d, bool) or not isinstance(d, (int, float)) or not (0.0 < d <= 1.0):
                 raise UserError(f"target density {t}={d} is outside (0, 1]; give the kept fraction, e.g. {t}=0.05")
-        for name in ("shard_masks", "debias_tokens", "balance_answers", "early_stop", "filter_correct"):
+        for name in ("shard_masks", "balance_answers", "early_stop"):
             if not isinstance(getattr(self, name), bool):
                 raise UserError(f"{name} must be true or false, got {getattr(self, name)!r}")
         for name, allowed in _CHOICES.items():

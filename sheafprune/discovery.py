@@ -16,13 +16,13 @@ from .arch import view_of
 from .config import DiscoverConfig
 from .errors import UserError
 from .io import check_out_dir
-from .masked import mask_shapes, masked_forward
+from .masked import mask_shapes
 from .objective import sheaf_metrics
 from .search import KeepSearch, median_step_seconds, search_select_items
 from .models import fingerprint, load_model
 from .shard import footprint, mask_logits_for
 from .sheaf import Sheaf, save_sheaf, versions
-from .tasks import filter_correct, hold_out, load_task
+from .tasks import hold_out, load_task
 from .train import Trainer, write_jsonl
 
 
@@ -66,12 +66,6 @@ def discover(cfg: DiscoverConfig, *, out: Optional[Path] = None, resume: bool = 
     model.to(acc.device)
     params.to(acc.device)
     task = load_task(cfg.task, tokenizer, seed=cfg.seed, n=cfg.n_items)
-    if cfg.filter_correct:
-        full = params.for_forward(None)  # the full weights (gathered once where sharded)
-        task = filter_correct(task, lambda b: masked_forward(
-            view, b.input_ids.to(acc.device), attention_mask=b.attention_mask.to(acc.device),
-            position_ids=b.position_ids.to(acc.device), masks=full), tokenizer)
-        del full
     task = hold_out(task, cfg.select_items or (search_select_items(task) if cfg.searches else 0))
     for split in ("train", "dev", "test"):
         if not task.items(split):

@@ -4,8 +4,6 @@ decision (keep iff logit > 0) at test time. Each gate is one small function pair
 - concrete: DiscoGP's binary-concrete gate with a straight-through estimator. Forward is hard,
   keep = 1[logit + s*L > 0] with L ~ Logistic(0, 1), so P(keep) = sigmoid(logit / s); backward uses
   d/dlogit sigmoid((logit + s*L) / tau).
-- hard_concrete: Louizos et al.'s stretched-and-clamped concrete (L0 regularization); exact zeros and ones
-  with a true gradient in between; P(nonzero) = sigmoid((logit - beta * log(-lo / hi)) / s).
 - sigmoid: no noise; the mask is the concrete gate's P(keep) itself, sigmoid(logit / s), with its exact
   gradient. An entry is faded out over several steps instead of dropped at random, so the loss sees what
   losing it costs before it is gone (SmolLM2 breaks on IOI once a random 7% of its weights or edges is
@@ -18,7 +16,6 @@ to the sheaf that is evaluated.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -58,19 +55,6 @@ def concrete_p_keep(logits: Tensor, scale: float = 1.0) -> Tensor:
     return torch.sigmoid(logits / scale)
 
 
-_BETA, _LO, _HI = 2.0 / 3.0, -0.1, 1.1
-
-
-def hard_concrete_sample(logits: Tensor, noise: Tensor, tau: float, scale: float) -> Tensor:
-    # tau is unused: the hard-concrete temperature is its fixed beta (2/3, as in Louizos et al.)
-    s = torch.sigmoid((logits + noise) / _BETA)
-    return (s * (_HI - _LO) + _LO).clamp(0.0, 1.0)
-
-
-def hard_concrete_p_keep(logits: Tensor, scale: float = 1.0) -> Tensor:
-    return torch.sigmoid((logits - _BETA * math.log(-_LO / _HI)) / scale)
-
-
 def sigmoid_sample(logits: Tensor, noise: Optional[Tensor], tau: float, scale: float) -> Tensor:
     # noise and tau are unused: the mask is deterministic and its gradient exact
     return torch.sigmoid(logits / scale)
@@ -86,7 +70,6 @@ class Gate:
 
 GATES: dict[str, Gate] = {
     "concrete": Gate(concrete_sample, concrete_p_keep),
-    "hard_concrete": Gate(hard_concrete_sample, hard_concrete_p_keep),
     "sigmoid": Gate(sigmoid_sample, concrete_p_keep, noisy=False),
 }
 

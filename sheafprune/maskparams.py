@@ -4,13 +4,10 @@ just the logits' gradients and every rank holds identical masks.
 
 Density controller (a Lagrangian for the inequality d_t <= rho_t, acting as a decoupled drift): for each mask
 type t with a target rho_t, a multiplier lambda_t >= 0 is raised by dual ascent after every step,
-lambda_t <- lambda_t + dual_lr * (d_t - rho_t) while d_t > rho_t and 0 otherwise. d_t is, by config `control`:
-- "kept" (default): the kept fraction of the deterministic sheaf (logit > 0), the density that is reported. It
-  is a step function of the logits (they start nearly equal: it falls from 100% to ~20% within a few steps),
-  and with DiscoGP's noise the masks trained on stay several times denser than the sheaf (SmolLM2/IOI: 21-30%
-  sampled vs 5% kept);
-- "expected": the mean P(keep) of the masks being sampled under the current noise scale; with the noise
-  annealed (train.py) it converges to the kept fraction. Measured, it has not yet kept a task better.
+lambda_t <- lambda_t + dual_lr * (d_t - rho_t) while d_t > rho_t and 0 otherwise. d_t is the kept fraction of
+the deterministic sheaf (logit > 0), the density that is reported. It is a step function of the logits (they start
+nearly equal: it falls from 100% to ~20% within a few steps), and with DiscoGP's noise the masks trained on stay
+several times denser than the sheaf (SmolLM2/IOI: 21-30% sampled vs 5% kept).
 Near the target the integral reacts slowly (the sheaf hovered 10-20% above a 5% target), so after the ramp the
 sheaf is projected onto the target before each evaluation (`project`).
 The multiplier acts on the logits as a drift, logit <- logit - lr * lambda_t after the optimizer step (like
@@ -196,7 +193,7 @@ class MaskLogits(nn.Module):
 
     @torch.no_grad()
     def dual_step(self, density: Mapping[str, float], targets: Mapping[str, float], lr: float) -> None:
-        """One dual-ascent step from the density the controller holds (kept or expected, see the module doc)."""
+        """One dual-ascent step from the sheaf's kept density (see the module doc)."""
         for i, t in enumerate(self.target_types):
             if t in density and t in targets:
                 gap = density[t] - targets[t]

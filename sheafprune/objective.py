@@ -73,19 +73,6 @@ class FullScores:
         return torch.stack([self.cache[i] for i in idx])
 
 
-def debias_tokens(scores: Tensor, cand_ids: Tensor) -> Tensor:
-    """Scores minus, per candidate token, its mean score over the batch: a sheaf that only prefers some answer
-    tokens over others whatever the prompt (a unigram prior) then gains nothing, only prompt-dependent evidence
-    counts. BLiMP's anaphor agreement has such a shortcut: always ' herself' > ' himself' > ' itself' scores 0.84
-    on its dev split, above the full model's 0.79 (0.71 on test)."""
-    flat_ids, flat = cand_ids.flatten(), scores.flatten()
-    uniq, inverse = torch.unique(flat_ids, return_inverse=True)
-    sums = torch.zeros(len(uniq), dtype=scores.dtype, device=scores.device).index_add(0, inverse, flat)
-    counts = torch.zeros(len(uniq), dtype=scores.dtype, device=scores.device).index_add(
-        0, inverse, torch.ones_like(flat))
-    return scores - (sums / counts)[inverse].view_as(scores)
-
-
 def completeness(scores: Tensor) -> Tensor:
     """CE toward the uniform distribution over candidates: the pruned-away part should be at chance."""
     return -F.log_softmax(scores, dim=-1).mean()

@@ -29,7 +29,7 @@ from .config import DiscoverConfig
 from .errors import RunFailed, UserError
 from .gates import GATES, deterministic
 from .maskparams import MaskLogits, ramp, rank_group
-from .objective import FAITH_LOSSES, FullScores, completeness, debias_tokens, metrics_from_scores, split_scores, task_scores
+from .objective import FAITH_LOSSES, FullScores, completeness, metrics_from_scores, split_scores, task_scores
 from .sheaf import mask_type
 from .tasks import Task, answer_weights, encode
 
@@ -90,53 +90,6 @@ def normalize_grads(logits: dict[str, Tensor], *, sharded=frozenset(), reduce_su
         if p.grad is not None:
             sq, n = total[rank_group(key, within)].tolist()
             p.grad.div_(max((sq / max(n, 1.0)) ** 0.5, 1e-30))
-
-
-class Chained:
-    """Several torch optimizers (each over its own parameters) behaving as one: param_groups, state and state_dict
-    number the parameters in order across them, as a single optimizer over all of them would."""
-
-    def __init__(self, optimizers: list[torch.optim.Optimizer]):
-        self.optimizers = optimizers
-
-    @property
-    def param_groups(self) -> list[dict]:
-        return [g for o in self.optimizers for g in o.param_groups]
-
-    @property
-    def state(self) -> dict:
-        return {p: s for o in self.optimizers for p, s in o.state.items()}
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        for o in self.optimizers:
-            o.zero_grad(set_to_none=set_to_none)
-
-    def step(self) -> None:
-        for o in self.optimizers:
-            o.step()
-
-    def _sizes(self) -> list[int]:
-        return [sum(len(g["params"]) for g in o.param_groups) for o in self.optimizers]
-
-    def state_dict(self) -> dict:
-        out: dict = {"state": {}, "param_groups": []}
-        offset = 0
-        for o, n in zip(self.optimizers, self._sizes()):
-            sd = o.state_dict()
-            out["state"].update({offset + int(i): s for i, s in sd["state"].items()})
-            out["param_groups"] += [{**g, "params": [offset + i for i in g["params"]]} for g in sd["param_groups"]]
-            offset += n
-        return out
-
-    def load_state_dict(self, state: dict) -> None:
-        offset, groups = 0, list(state["param_groups"])
-        for o, n in zip(self.optimizers, self._sizes()):
-            mine = groups[:len(o.param_groups)]
-            groups = groups[len(o.param_groups):]
-            o.load_state_dict({"state": {int(i) - offset: s for i, s in state["state"].items()
-                                         if offset <= int(i) < offset + n},
-                               "param_groups": [{**g, "params": [i - offset for i in g["params"]]} for g in mine]})
-            offset += n
 
 
 def batch_indices(step: int, *, n: int, size: int, seed: int, weights: Optional[list[float]] = None) -> list[int]:
@@ -267,16 +220,10 @@ class Trainer:
     def _make_optimizer(self, stage: Stage):
         for key, p in self.params.named_logits().items():
             p.requires_grad_(mask_type(key) in stage.trained)
-        trained = {k: p for k, p in self.params.named_logits().items() if p.requires_grad}
-        nsgd = [p for k, p in trained.items() if self._nsgd(k)]  # gradients normalized per type in train_step
-        adam = [p for k, p in trained.items() if not self._nsgd(k)]
-        opts = ([torch.optim.AdamW(adam, lr=self.cfg.lr, betas=(0.9, self.cfg.adam_beta2), weight_decay=0.0)] if adam
-                else []) + ([torch.optim.SGD(nsgd, lr=self.cfg.lr, momentum=0.9, dampening=0.9)] if nsgd else [])
-        return opts[0] if len(opts) == 1 else Chained(opts)
-
-    def _nsgd(self, key: str) -> bool:
-        return self.cfg.optimizer == "nsgd" or (self.cfg.optimizer == "mixed" and mask_type(key) == "weight")
-
+        trained = [p for p in self.params.named_logits().values() if p.requires_grad]
+        if self.cfg.optimizer == "nsgd":  # gradients normalized per type in train_step
+            return torch.optim.SGD(trained, lr=self.cfg.lr, momentum=0.9, dampening=0.9)
+        return torch.optim.AdamW(trained, lr=self.cfg.lr, betas=(0.9, self.cfg.adam_beta2), weight_decay=0.0)
 
     def _stage_at(self, step: int) -> tuple[Stage, int]:
         for stage in self.stages:
@@ -371,8 +318,6 @@ class Trainer:
                                         frozen_masks=frozen)
         batch = self._local_batch(self.step)
         scores = task_scores(self.view, batch, masks, edge_grad=self.cfg.edge_grad)
-        if self.cfg.debias_tokens and batch.kind == "choice":
-            scores = debias_tokens(scores, batch.cand_ids)
         full = self.full_scores(self._local_indices(self.step)) if self.cfg.faith_loss == "kl" else None
         faith = FAITH_LOSSES[self.cfg.faith_loss](scores, batch.target, full)
         complete = completeness(task_scores(self.view, batch, comp, edge_grad=self.cfg.edge_grad))
@@ -399,7 +344,7 @@ class Trainer:
                 p.grad = self.acc.reduce(p.grad, reduction="mean")
         if self.cfg.optimizer != "adamw":
             reduce = (lambda x: self.acc.reduce(x, reduction="sum")) if self.acc.num_processes > 1 else None
-            normalize_grads({k: p for k, p in self.params.named_logits().items() if self._nsgd(k)},
+            normalize_grads(self.params.named_logits(),
                             sharded=self.params.sharded, reduce_sum=reduce, within=self.cfg.rank_within)
         self.optimizer.step()
         expected = {t: float(d.detach()) for t, d in dens.items()}
@@ -408,8 +353,7 @@ class Trainer:
             # logits costs ~1.7 s); evaluations project exactly.
             self.params.project(targets, exact=True, sample=2_000_000, seed=self.cfg.seed * 1_000_003 + self.step)
         elif stage.sparsity == "controller":
-            density = self.params.kept(stage.trained) if self.cfg.control == "kept" else expected
-            self.params.dual_step(density, targets, self.cfg.dual_lr)
+            self.params.dual_step(self.params.kept(stage.trained), targets, self.cfg.dual_lr)
             self.params.drift(stage.trained, lr)
         kept = self.params.kept(stage.trained)
         vals = torch.stack([loss.detach(), faith.detach(), complete.detach()])

@@ -227,18 +227,6 @@ def test_controller_reaches_target_density():
     assert {"loss", "faith", "complete", "kept", "expected"} <= set(rows[-1])
 
 
-def test_annealed_expected_density_controller_reaches_target():
-    """control=expected with the noise annealed to 0.1: the sampled masks' expected density and the
-    deterministic sheaf's kept fraction both end at the target."""
-    sheaf = discover(cfg(steps=60, target_density="weight=0.2,edge=0.2", early_stop=False, control="expected",
-                         noise_start=0.5, noise_final=0.1, init="attribution"), progress=False)
-    last = sheaf.curve[-1]
-    assert last["noise"] == pytest.approx(0.1) and sheaf.meta["config"]["tau_weight"] == 1.0
-    for t in ("weight", "edge"):
-        assert abs(last["expected"][t] - 0.2) < 0.03, f"expected density {last['expected']} vs target 0.2"
-        assert abs(last["kept"][t] - last["expected"][t]) < 0.03, f"kept {last['kept']} vs expected {last['expected']}"
-
-
 def test_attribution_init_ranks_logits_by_score():
     from sheafprune.maskparams import MaskLogits
 
@@ -349,18 +337,6 @@ def test_nsgd_normalizes_gradients_by_the_rms_of_their_mask_type():
     assert logits["edge/0/q"].grad.square().mean().sqrt().item() == pytest.approx(1.0, rel=1e-6)
     ratio = (logits["w/b"].grad / before["w/b"]).unique()  # one factor per type: magnitudes keep their ratios
     assert torch.allclose(ratio, ratio[0]) and torch.allclose(logits["w/a"].grad / before["w/a"], ratio[0].expand(30, 20))
-
-
-def test_debias_tokens_removes_a_fixed_preference_among_answer_tokens():
-    from sheafprune.objective import debias_tokens
-
-    ids = torch.tensor([[7, 9], [9, 5], [7, 5], [5, 9]])
-    bias = {7: 3.0, 9: 1.0, 5: -2.0}
-    prior = torch.tensor([[bias[int(i)] for i in row] for row in ids])
-    evidence = torch.tensor([[0.5, -0.5], [0.2, 0.0], [-1.0, 1.0], [0.0, 0.3]])
-    out = debias_tokens(prior + evidence, ids)
-    assert torch.allclose(out, debias_tokens(evidence, ids), atol=1e-6), "a per-token constant must cancel out"
-    assert torch.allclose(debias_tokens(prior, ids), torch.zeros(4, 2)), debias_tokens(prior, ids)
 
 
 def test_lr_decays_after_the_ramp_to_lr_final():
@@ -499,7 +475,7 @@ def test_same_seed_same_masks_other_seed_other_masks():
     assert any(not torch.equal(a.logits[k], c.logits[k]) for k in a.logits), "seed had no effect"
 
 
-@pytest.mark.parametrize("init, optimizer", [("constant", "adamw"), ("attribution", "adamw"), ("constant", "mixed")])
+@pytest.mark.parametrize("init, optimizer", [("constant", "adamw"), ("attribution", "nsgd")])
 def test_resume_after_interrupt_equals_uninterrupted(tmp_path, monkeypatch, init, optimizer):
     whole = discover(cfg(init=init, optimizer=optimizer), out=tmp_path / "whole", progress=False)
     original = Trainer.train_step

@@ -303,7 +303,7 @@ def test_config_file_problems(capsys, work):
     refused(capsys, [*base, work / "type.yaml"], match=r"steps", root=work)
     for text, match in [("lr_final: 0.5\n", r"lr_final must be a number in \[0, lr=0.1\]"),
                         ("ramp: quadratic\n", r"unknown ramp 'quadratic'; use one of linear, cubic"),
-                        ("control: pid\n", r"unknown control 'pid'; use one of kept, expected, project")]:
+                        ("control: pid\n", r"unknown control 'pid'; use one of kept, project")]:
         (work / "opt.yaml").write_text(text)
         refused(capsys, [*base, work / "opt.yaml"], match=match, root=work)
     (work / "shard.yaml").write_text("shard_masks: maybe\n")

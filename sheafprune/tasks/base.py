@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import random
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -251,31 +251,3 @@ def score(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
     # where(), not a product: logits at padded positions may be inf/NaN and NaN * 0 is NaN.
     logp = torch.where(batch.score_mask[:, 1:], logp, torch.zeros_like(logp))
     return logp.sum(dim=1).view(-1, 2)  # (B, 2) rows were good, bad, good, bad, ...
-
-
-def filter_correct(
-    task: Task,
-    model_fn: Callable[[Batch], torch.Tensor],
-    tokenizer: Any,
-    *,
-    splits: Sequence[str] = SPLITS,
-    batch_size: int = 64,
-) -> Task:
-    """Keep only the items the full model gets right (argmax of `score` == target), per split.
-
-    `model_fn(batch)` returns logits (N, T, V) for a CPU Batch (move it to the device inside). Kept
-    and dropped counts go to `notes["filter_correct"]`.
-    """
-    kept: dict[str, list[Item]] = dict(task.splits)
-    counts: dict[str, dict[str, int]] = {}
-    with torch.no_grad():
-        for split in splits:
-            items = task.items(split)
-            kept[split] = []
-            for start in range(0, len(items), batch_size):
-                chunk = items[start : start + batch_size]
-                batch = encode(task, chunk, tokenizer)
-                right = score(model_fn(batch), batch).argmax(dim=-1).cpu() == batch.target  # (B,)
-                kept[split].extend(item for item, ok in zip(chunk, right.tolist()) if ok)
-            counts[split] = {"kept": len(kept[split]), "dropped": len(items) - len(kept[split])}
-    return dataclasses.replace(task, splits=kept, notes={**task.notes, "filter_correct": counts})

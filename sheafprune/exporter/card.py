@@ -69,6 +69,6 @@ def _load_section() -> list[str]:
         "# or, with sheafprune installed: from sheafprune.exporter import load; model = load(\"PATH\")",
         "```",
         "",
-        "`modeling_sheaf.py` (torch + transformers only) defines the architecture. `generate()` works; it "
-        "recomputes the prefix at every step (no KV cache). Positions count only real tokens: pad on the left.",
+        "`modeling_sheaf.py` (torch + transformers only) defines the architecture. `generate()` works, with a KV "
+        "cache (`use_cache=False` turns it off). Positions count only real tokens: pad on the left.",
     ]

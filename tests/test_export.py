@@ -1,6 +1,6 @@
 """Export folders: contents, reload vs saved, generate vs a greedy loop over the masked sheaf, the KV cache (cached
-steps vs the whole sequence, generate with vs without it), loading with plain transformers where sheafprune cannot
-be imported, the exactness gate refusing, the CLI."""
+steps vs the whole sequence, generate with vs without it), loading with plain transformers (the model card's snippet)
+where sheafprune cannot be imported, the exactness gate refusing, the CLI."""
 
 from __future__ import annotations
 
@@ -176,41 +176,50 @@ except ImportError:
     pass
 else:
     raise SystemExit("sheafprune is importable; the test would prove nothing")
+import json, re
 import torch
 from safetensors.torch import save_file
-from transformers import AutoModelForCausalLM, AutoTokenizer
 out = {}
-for i, folder in enumerate(sys.argv[2:]):
-    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)
+for i, folder in enumerate(sys.argv[3:]):
+    card = open(f"{folder}/README.md").read()
+    scope = {}  # the model card's load snippet, as a user runs it
+    exec(re.search(r"```python\n(.*?)```", card, re.S).group(1).replace('"PATH"', repr(folder)), scope)
+    model, tok = scope["model"], scope["tokenizer"]
     assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
-    tok = AutoTokenizer.from_pretrained(folder)
-    ids = tok(["When Mary and John went to the store"], return_tensors="pt")
+    batch = tok(json.loads(sys.argv[2]), return_tensors="pt", padding=True)
     with torch.no_grad():
-        out[f"logits{i}"] = model(**ids).logits
-    out[f"generated{i}"] = model.generate(**ids, max_new_tokens=3, do_sample=False)
-    out[f"uncached{i}"] = model.generate(**ids, max_new_tokens=3, do_sample=False, use_cache=False)
+        out[f"logits{i}"] = model(**batch).logits
+    out[f"generated{i}"] = model.generate(**batch, max_new_tokens=3, do_sample=False)
+    out[f"uncached{i}"] = model.generate(**batch, max_new_tokens=3, do_sample=False, use_cache=False)
 save_file(out, sys.argv[1])
 """
 
 
 def test_loads_with_plain_transformers_without_sheafprune(gpt2, exported, exported_llama, tmp_path):
+    """The model card's snippet, in a fresh process with stdin closed: no question asked, no warning about custom
+    code or the `sheaf` model type; logits and generate (with and without the cache) as sheafprune.load gives them."""
     _, tok = gpt2
-    out, out_llama = exported[1], exported_llama[1]
+    folders = (exported[1], exported_llama[1])
     result = tmp_path / "result.safetensors"
     env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
-    proc = subprocess.run([sys.executable, "-I", "-c", _NO_SHEAFPRUNE, str(result), str(out), str(out_llama)],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "-I", "-c", _NO_SHEAFPRUNE, str(result), json.dumps(PROMPTS),
+                           *map(str, folders)], cwd=tmp_path, env=env, stdin=subprocess.DEVNULL,
+                          capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    said = (proc.stdout + proc.stderr).lower()
+    assert "custom code" not in said and "sheaf" not in said, said[-3000:]
     got = load_file(str(result))
-    for i, folder in enumerate((out, out_llama)):
-        ids = tok(["When Mary and John went to the store"], return_tensors="pt")
+    batch = tok(PROMPTS, return_tensors="pt", padding=True)
+    for i, folder in enumerate(folders):
         local = load(folder)
         with torch.no_grad():
-            want = local(**ids).logits
-        diff = (got[f"logits{i}"] - want).abs().max().item()
+            want = local(**batch).logits
+        diff = (got[f"logits{i}"] - want)[batch.attention_mask.bool()].abs().max().item()
+        print(f"{folder.name}: plain transformers vs sheafprune.load, logits max abs diff {diff:.3g}")
         assert diff <= 1e-6, f"{folder.name}: plain transformers vs sheafprune.load max abs diff {diff:.3g}"
-        gen = local.generate(**ids, max_new_tokens=3, do_sample=False)
-        assert torch.equal(got[f"generated{i}"], gen) and gen.shape[1] == ids["input_ids"].shape[1] + 3
+        gen = local.generate(**batch, max_new_tokens=3, do_sample=False)
+        assert gen.shape[1] == batch.input_ids.shape[1] + 3
+        assert torch.equal(got[f"generated{i}"], gen), (got[f"generated{i}"].tolist(), gen.tolist())
         assert torch.equal(got[f"uncached{i}"], gen), (got[f"uncached{i}"].tolist(), gen.tolist())
 
 

@@ -141,7 +141,8 @@ def test_cached_steps_match_whole_sequence(gpt2, request, case):
             whole = model(input_ids=ids_, attention_mask=mask_, use_cache=False).logits
             real = mask_.bool() if mask_ is not None else torch.ones(ids_.shape, dtype=torch.bool)
             diffs.append(float((_cached_logits(model, ids_, mask_) - whole)[real].abs().max()))
-    print(f"{case}: cached vs whole-sequence logits, max abs diff {diffs[0]:.3g} (left-padded), {diffs[1]:.3g} (no mask)")
+    print(f"{case}: cached vs whole-sequence logits, max abs diff {diffs[0]:.3g} (left-padded), "
+          f"{diffs[1]:.3g} (no mask)")
     assert max(diffs) <= 1e-5, diffs
 
 

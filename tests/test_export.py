@@ -1,5 +1,6 @@
-"""Export folders: contents, reload vs saved, generate vs a greedy loop over the masked sheaf, loading with plain
-transformers where sheafprune cannot be imported, the exactness gate refusing, the CLI."""
+"""Export folders: contents, reload vs saved, generate vs a greedy loop over the masked sheaf, the KV cache (cached
+steps vs the whole sequence, generate with vs without it), loading with plain transformers (the model card's snippet)
+where sheafprune cannot be imported, the exactness gate refusing, the CLI."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from sheafprune.models import fingerprint, load_model, tiny_model
 from sheafprune.sheaf import Sheaf, load_sheaf, save_sheaf
 
 IDS = [[2215, 5335, 290, 1757, 1816, 284, 262, 3650]]  # "When Mary and John went to the store"
+PROMPTS = ["When Mary and John went to the store, John gave a drink to", "The cat sat on the"]  # left-padded batch
 
 
 def make_sheaf(model, name: str, granularity=("weight", "edge"), density: float = 0.7, seed: int = 0) -> Sheaf:
@@ -49,6 +51,19 @@ def exported(gpt2, tmp_path_factory):
     model, tok = gpt2
     sheaf = make_sheaf(model, "tiny-gpt2")
     out = tmp_path_factory.mktemp("exp") / "tiny-gpt2-ioi"
+    info = export(sheaf, out=out, model=model, tokenizer=tok)
+    return sheaf, out, info
+
+
+@pytest.fixture(scope="module")
+def exported_llama(tmp_path_factory):
+    """GQA and rope, and a layer with nothing to cache: layer 0 keeps only its MLP, layer 1 heads 0, 1 and 3 (0 and
+    1 share KV head 0)."""
+    model, tok = load_model("tiny-llama")
+    sheaf = make_sheaf(model, "tiny-llama", ("neuron", "head", "edge"), density=0.8, seed=2)
+    sheaf.logits["head/0"] = torch.full((4,), -1.0)
+    sheaf.logits["head/1"] = torch.tensor([1.0, 1.0, -1.0, 1.0])
+    out = tmp_path_factory.mktemp("exp") / "tiny-llama-ioi"
     info = export(sheaf, out=out, model=model, tokenizer=tok)
     return sheaf, out, info
 
@@ -92,6 +107,67 @@ def test_generate_matches_greedy_masked_sheaf(gpt2, exported):
     assert torch.equal(got, want), f"generate {got.tolist()} vs greedy masked sheaf {want.tolist()}"
 
 
+def _cached_logits(model, ids, mask):
+    """Logits of `ids` computed in three calls through the cache: a prefix, a block of 2 tokens, the last token."""
+    cuts = [(0, ids.shape[1] - 3), (ids.shape[1] - 3, ids.shape[1] - 1), (ids.shape[1] - 1, ids.shape[1])]
+    cache, logits = None, []  # the first call makes the cache: use_cache is on by default
+    for a, b in cuts:
+        kw = {} if mask is None else {"attention_mask": mask[:, :b]}
+        out = model(input_ids=ids[:, a:b], past_key_values=cache, **kw)
+        if cache is None:  # each attention layer caches its kept KV heads only, with no query-head copies
+            shapes = [tuple(layer.keys.shape) for layer in out.cache.layers]
+            kv = [(ids.shape[0], layer.n_kv, b, model.config.head_dim) for layer in model.layers if layer.n_heads]
+            assert shapes == (kv or [(ids.shape[0], 1, b, 1)]), (shapes, kv)
+        cache = out.cache
+        logits.append(out.logits)
+    return torch.cat(logits, dim=1)  # (B, T, V)
+
+
+@pytest.mark.parametrize("case", ["gpt2", "llama", "gpt2 without heads"])
+def test_cached_steps_match_whole_sequence(gpt2, request, case):
+    """Prefix, then a 2-token block, then 1 token through the cache: the logits of the whole-sequence forward, with
+    left padding (mask) and without a mask (positions from the cache length)."""
+    model_full, tok = gpt2
+    if case == "gpt2 without heads":  # learned positions, and nothing but a placeholder to cache
+        model = compact(view_of(model_full), {f"head/{l}": torch.zeros(4) for l in range(2)}).to_model()
+    else:
+        model = load(request.getfixturevalue("exported" if case == "gpt2" else "exported_llama")[1])
+    batch = tok(PROMPTS, return_tensors="pt", padding=True)
+    ids, mask = batch.input_ids, batch.attention_mask
+    assert mask[1, 0] == 0 and mask[0].all(), mask
+    diffs = []
+    with torch.no_grad():
+        for ids_, mask_ in ((ids, mask), (ids[:1], None)):
+            whole = model(input_ids=ids_, attention_mask=mask_, use_cache=False).logits
+            real = mask_.bool() if mask_ is not None else torch.ones(ids_.shape, dtype=torch.bool)
+            diffs.append(float((_cached_logits(model, ids_, mask_) - whole)[real].abs().max()))
+    print(f"{case}: cached vs whole-sequence logits, max abs diff {diffs[0]:.3g} (left-padded), "
+          f"{diffs[1]:.3g} (no mask)")
+    assert max(diffs) <= 1e-5, diffs
+
+
+@pytest.mark.parametrize("fixture", ["exported", "exported_llama"])
+def test_generate_with_cache_equals_without(gpt2, request, fixture):
+    """Greedy generate on a left-padded batch: the cache is on by default, feeds one new token per step, and gives
+    the tokens (and step logits) of generating without it."""
+    _, tok = gpt2
+    model = load(request.getfixturevalue(fixture)[1])
+    if fixture == "exported_llama":
+        assert [(layer.n_heads, layer.n_kv) for layer in model.layers] == [(0, 0), (3, 2)]
+    batch = tok(PROMPTS, return_tensors="pt", padding=True)
+    seen = []  # the length of input_ids at each forward
+    model.register_forward_pre_hook(lambda _, args, kw: seen.append(kw["input_ids"].shape[1]), with_kwargs=True)
+    kw = {"max_new_tokens": 8, "do_sample": False, "output_scores": True, "return_dict_in_generate": True}
+    cached = model.generate(**batch, **kw)
+    plain = model.generate(**batch, use_cache=False, **kw)
+    n = batch.input_ids.shape[1]
+    assert seen == [n] + [1] * 7 + list(range(n, n + 8)), seen
+    diff = max(float((a - b).abs().max()) for a, b in zip(cached.scores, plain.scores))
+    print(f"{fixture}: generate with vs without cache, step logits max abs diff {diff:.3g}")
+    assert torch.equal(cached.sequences, plain.sequences), (cached.sequences.tolist(), plain.sequences.tolist())
+    assert diff <= 1e-5, diff
+
+
 _NO_SHEAFPRUNE = r"""
 import sys
 sys.modules["sheafprune"] = None  # as if it were not installed
@@ -101,44 +177,51 @@ except ImportError:
     pass
 else:
     raise SystemExit("sheafprune is importable; the test would prove nothing")
+import json, re
 import torch
 from safetensors.torch import save_file
-from transformers import AutoModelForCausalLM, AutoTokenizer
 out = {}
-for i, folder in enumerate(sys.argv[2:]):
-    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)
+for i, folder in enumerate(sys.argv[3:]):
+    card = open(f"{folder}/README.md").read()
+    scope = {}  # the model card's load snippet, as a user runs it
+    exec(re.search(r"```python\n(.*?)```", card, re.S).group(1).replace('"PATH"', repr(folder)), scope)
+    model, tok = scope["model"], scope["tokenizer"]
     assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
-    tok = AutoTokenizer.from_pretrained(folder)
-    ids = tok(["When Mary and John went to the store"], return_tensors="pt")
+    batch = tok(json.loads(sys.argv[2]), return_tensors="pt", padding=True)
     with torch.no_grad():
-        out[f"logits{i}"] = model(**ids).logits
-    out[f"generated{i}"] = model.generate(**ids, max_new_tokens=3, do_sample=False)
+        out[f"logits{i}"] = model(**batch).logits
+    out[f"generated{i}"] = model.generate(**batch, max_new_tokens=3, do_sample=False)
+    out[f"uncached{i}"] = model.generate(**batch, max_new_tokens=3, do_sample=False, use_cache=False)
 save_file(out, sys.argv[1])
 """
 
 
-def test_loads_with_plain_transformers_without_sheafprune(gpt2, exported, tmp_path):
+def test_loads_with_plain_transformers_without_sheafprune(gpt2, exported, exported_llama, tmp_path):
+    """The model card's snippet, in a fresh process with stdin closed: no question asked, no warning about custom
+    code or the `sheaf` model type; logits and generate (with and without the cache) as sheafprune.load gives them."""
     _, tok = gpt2
-    _, out, _ = exported
-    llama, llama_tok = load_model("tiny-llama")
-    out_llama = tmp_path / "tiny-llama-ioi"
-    export(make_sheaf(llama, "tiny-llama", ("neuron", "head", "edge"), density=0.6), out=out_llama, model=llama,
-           tokenizer=llama_tok)
+    folders = (exported[1], exported_llama[1])
     result = tmp_path / "result.safetensors"
     env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
-    proc = subprocess.run([sys.executable, "-I", "-c", _NO_SHEAFPRUNE, str(result), str(out), str(out_llama)],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "-I", "-c", _NO_SHEAFPRUNE, str(result), json.dumps(PROMPTS),
+                           *map(str, folders)], cwd=tmp_path, env=env, stdin=subprocess.DEVNULL,
+                          capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    said = (proc.stdout + proc.stderr).lower()
+    assert "custom code" not in said and "sheaf" not in said, said[-3000:]
     got = load_file(str(result))
-    for i, folder in enumerate((out, out_llama)):
-        ids = tok(["When Mary and John went to the store"], return_tensors="pt")
+    batch = tok(PROMPTS, return_tensors="pt", padding=True)
+    for i, folder in enumerate(folders):
         local = load(folder)
         with torch.no_grad():
-            want = local(**ids).logits
-        diff = (got[f"logits{i}"] - want).abs().max().item()
+            want = local(**batch).logits
+        diff = (got[f"logits{i}"] - want)[batch.attention_mask.bool()].abs().max().item()
+        print(f"{folder.name}: plain transformers vs sheafprune.load, logits max abs diff {diff:.3g}")
         assert diff <= 1e-6, f"{folder.name}: plain transformers vs sheafprune.load max abs diff {diff:.3g}"
-        gen = local.generate(**ids, max_new_tokens=3, do_sample=False)
-        assert torch.equal(got[f"generated{i}"], gen) and gen.shape[1] == ids["input_ids"].shape[1] + 3
+        gen = local.generate(**batch, max_new_tokens=3, do_sample=False)
+        assert gen.shape[1] == batch.input_ids.shape[1] + 3
+        assert torch.equal(got[f"generated{i}"], gen), (got[f"generated{i}"].tolist(), gen.tolist())
+        assert torch.equal(got[f"uncached{i}"], gen), (got[f"uncached{i}"].tolist(), gen.tolist())
 
 
 def test_gate_refuses_and_writes_nothing(gpt2, tmp_path, monkeypatch):

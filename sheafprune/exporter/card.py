@@ -63,12 +63,13 @@ def _load_section() -> list[str]:
         "## Load",
         "",
         "```python",
-        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        "from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast",
         'model = AutoModelForCausalLM.from_pretrained("PATH", trust_remote_code=True)  # no sheafprune needed',
-        'tokenizer = AutoTokenizer.from_pretrained("PATH")',
+        'tokenizer = PreTrainedTokenizerFast.from_pretrained("PATH", padding_side="left")  # runs no custom code',
         "# or, with sheafprune installed: from sheafprune.exporter import load; model = load(\"PATH\")",
         "```",
         "",
-        "`modeling_sheaf.py` (torch + transformers only) defines the architecture. `generate()` works; it "
-        "recomputes the prefix at every step (no KV cache). Positions count only real tokens: pad on the left.",
+        "`modeling_sheaf.py` (torch + transformers only) defines the architecture. `generate()` works, with a KV "
+        "cache (`use_cache=False` turns it off). Positions count only real tokens: pad on the left. "
+        "`AutoTokenizer` reads config.json, which names `modeling_sheaf.py`: it needs `trust_remote_code=True`.",
     ]

@@ -11,8 +11,11 @@ constant vector (`*_const`) holding what pruned-to-constant writers gave it; the
 in the source model. Config fields describe both GPT-2 (layernorm, learned positions, ungated MLP) and
 Llama (rmsnorm, rotary, gated MLP, GQA) families; per-layer head, KV-head and neuron counts vary.
 
-Generation recomputes the whole prefix at every step (no KV cache): exact and simple; fine for the
-short task prompts these models are made for.
+KV cache: as in a stock HF causal LM (`cache`, formerly `past_key_values`, and `use_cache`, on by default),
+a `DynamicCache` holds, for each layer with attention heads, the layer's kept KV heads (B, KV, T, hd) after
+RoPE, before they are repeated for the query heads; MLP-only layers hold nothing. With a cache, `input_ids`
+are the new tokens only and `attention_mask` covers the cached and the new tokens; positions count the real
+tokens of that mask, so left-padded batches continue where each row left off.
 """
 
 from __future__ import annotations
@@ -22,9 +25,12 @@ from typing import Any, Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel
+from transformers import DynamicCache, GenerationMixin, PretrainedConfig, PreTrainedModel
 from transformers.activations import ACT2FN
 from transformers.modeling_outputs import CausalLMOutputWithPast
+
+# The output field that hands the cache back to generate(): `cache` in recent transformers, `past_key_values` before.
+_CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 
 
 class SheafConfig(PretrainedConfig):
@@ -43,7 +49,7 @@ class SheafConfig(PretrainedConfig):
                  rope_inv_freq: Optional[list[float]] = None, rope_attention_scaling: float = 1.0,
                  attn_bias: bool = False, mlp_bias: bool = False, tie_head: bool = True,
                  layers: Optional[list[dict[str, Any]]] = None, out_reads: Optional[list[str]] = None,
-                 out_const: bool = False, **kwargs: Any):
+                 out_const: bool = False, use_cache: bool = True, **kwargs: Any):
         self.family, self.vocab_size, self.hidden_size, self.head_dim = family, vocab_size, hidden_size, head_dim
         self.norm, self.norm_eps, self.hidden_act, self.gated = norm, norm_eps, hidden_act, gated
         self.positional, self.attn_scale, self.max_position_embeddings = positional, attn_scale, max_position_embeddings
@@ -53,7 +59,7 @@ class SheafConfig(PretrainedConfig):
         self.out_reads = ["in"] if out_reads is None else out_reads
         self.num_hidden_layers = len(self.layers)
         kwargs["tie_word_embeddings"] = False  # the tied head is ours (tie_head), not transformers' tying
-        kwargs.setdefault("use_cache", False)
+        self.use_cache = use_cache  # a field here: PretrainedConfig drops generation parameters from kwargs
         super().__init__(**kwargs)
 
 
@@ -171,6 +177,7 @@ class SheafLayer(nn.Module):
         const = set(spec.get("const", []))
         head_names = [f"a{spec['layer']}.h{h}" for h in spec["heads"]]
         self.readers: dict[str, Reader] = {}
+        self.cache_idx = 0  # this layer's place in the KV cache (among the layers with heads); set by the model
         if self.n_heads:
             self.attn_norm = Norm(config)
             self.q_w = nn.Parameter(torch.empty(self.n_heads, d, hd))  # (H, D, hd)
@@ -212,7 +219,8 @@ class SheafLayer(nn.Module):
         const = getattr(self, f"{site}_const")
         return x if const is None else x + const[:, None, None, :]
 
-    def forward(self, stream: Stream, bias: Tensor, rope: Optional[tuple[Tensor, Tensor]]) -> None:
+    def forward(self, stream: Stream, bias: Tensor, rope: Optional[tuple[Tensor, Tensor]],
+                cache: Optional[DynamicCache] = None) -> None:
         if self.n_heads:
             xq, xk, xv = (self.attn_norm(self.read(stream, s)) for s in "qkv")  # (R, B, T, D) each
             q = _linear_heads(xq, self.q_w, self.q_b)  # (H, B, T, hd)
@@ -222,11 +230,13 @@ class SheafLayer(nn.Module):
                 cos, sin = rope  # (B, T, hd)
                 q = q * cos[None] + _rotate_half(q) * sin[None]
                 k = k * cos[None] + _rotate_half(k) * sin[None]
+            q, k, v = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)  # (B, heads, T, hd)
+            if cache is not None:  # the kept KV heads, cached ones first: (B, KV, past + T, hd)
+                k, v = cache.update(k, v, self.cache_idx)
             kv_of_q = self.kv_of_q.to(k.device)
-            k, v = k.index_select(0, kv_of_q), v.index_select(0, kv_of_q)  # (H, B, T, hd)
-            z = F.scaled_dot_product_attention(
-                q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=bias, scale=self.scale
-            ).transpose(0, 1)  # (H, B, T, hd)
+            k, v = k.index_select(1, kv_of_q), v.index_select(1, kv_of_q)  # (B, H, past + T, hd)
+            z = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.scale)  # (B, H, T, hd)
+            z = z.transpose(0, 1)  # (H, B, T, hd)
             h, bsz, t, hd = z.shape
             heads = torch.matmul(z.reshape(h, bsz * t, hd), self.o_w).reshape(h, bsz, t, -1)  # (H, B, T, D)
             stream.add(heads if self.o_b is None else heads + self.o_b)
@@ -241,13 +251,14 @@ class SheafLayer(nn.Module):
             stream.add((out if self.b_out is None else out + self.b_out).unsqueeze(0))  # (1, B, T, D)
 
 
-def _attn_bias(attention_mask: Tensor, dtype: torch.dtype) -> Tensor:
-    """(B, T) padding mask -> (B, 1, T, T) additive causal+padding bias (finite minimum: no NaN on pad rows)."""
-    t = attention_mask.shape[1]
-    causal = torch.ones(t, t, dtype=torch.bool, device=attention_mask.device).tril()
-    allowed = causal[None] & attention_mask.bool()[:, None, :]  # (B, T, T)
+def _attn_bias(attention_mask: Tensor, dtype: torch.dtype, t: int) -> Tensor:
+    """(B, L) padding mask of the cached and the t new tokens -> (B, 1, t, L) additive causal+padding bias (new
+    token i sits at L - t + i; finite minimum: no NaN on pad rows)."""
+    n = attention_mask.shape[1]
+    causal = torch.ones(t, n, dtype=torch.bool, device=attention_mask.device).tril(n - t)
+    allowed = causal[None] & attention_mask.bool()[:, None, :]  # (B, t, L)
     zeros = torch.zeros(allowed.shape, dtype=dtype, device=attention_mask.device)
-    return zeros.masked_fill(~allowed, torch.finfo(dtype).min)[:, None]  # (B, 1, T, T)
+    return zeros.masked_fill(~allowed, torch.finfo(dtype).min)[:, None]  # (B, 1, t, L)
 
 
 class SheafPreTrainedModel(PreTrainedModel):
@@ -274,6 +285,10 @@ class SheafForCausalLM(SheafPreTrainedModel, GenerationMixin):
             if spec["n_neurons"]:
                 chunks.append([f"m{spec['layer']}"])
         self.layers = nn.ModuleList(layers)
+        attention = [layer for layer in layers if layer.n_heads]
+        for i, layer in enumerate(attention):
+            layer.cache_idx = i  # where the layer's KV heads live in the cache
+        self.n_attention = len(attention)
         self.norm = Norm(config)
         self.lm_head = None if config.tie_head else nn.Linear(d, config.vocab_size, bias=False)
         self.out_reader = Reader([config.out_reads], chunks)
@@ -298,20 +313,33 @@ class SheafForCausalLM(SheafPreTrainedModel, GenerationMixin):
 
     def forward(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None,
                 position_ids: Optional[Tensor] = None, labels: Optional[Tensor] = None,
-                **kwargs: Any) -> CausalLMOutputWithPast:
+                cache: Optional[DynamicCache] = None, use_cache: Optional[bool] = None,
+                past_key_values: Optional[DynamicCache] = None, **kwargs: Any) -> CausalLMOutputWithPast:
+        """`input_ids` (B, T): the tokens after those in `cache` (`past_key_values`: its older name), if any;
+        `attention_mask` (B, past + T) covers both. Returns the logits of the T tokens and the updated cache."""
+        cache = cache if cache is not None else past_key_values
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        if use_cache and cache is None and not torch.jit.is_tracing():  # no cache inside the ONNX graph
+            cache = DynamicCache()
+        t = input_ids.shape[1]
         if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
+            past = cache.get_seq_length() if cache is not None else 0
+            attention_mask = torch.ones(input_ids.shape[0], past + t, dtype=torch.long, device=input_ids.device)
         if position_ids is None:  # positions count only real tokens (left padding)
-            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, T)
+            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, past + T)
+            if position_ids.shape[1] > t:
+                position_ids = position_ids[:, -t:]  # (B, T)
         x = self.embed(input_ids)  # (B, T, D)
         if self.pos is not None:
             x = x + self.pos(position_ids)
         stream = Stream(self.n_writers, keep_rows=self.keep_rows)
         stream.add(x.unsqueeze(0))
-        bias = _attn_bias(attention_mask, x.dtype)  # (B, 1, T, T)
+        bias = _attn_bias(attention_mask, x.dtype, t)  # (B, 1, T, past + T)
         rope = self._rope(position_ids)
+        if cache is not None and not self.n_attention:  # no KV heads: a placeholder, so the cache knows its length
+            cache.update(x.new_zeros(x.shape[0], 1, t, 1), x.new_zeros(x.shape[0], 1, t, 1), 0)
         for layer in self.layers:
-            layer(stream, bias, rope)
+            layer(stream, bias, rope, cache)
         h = self.out_reader(stream)[0]  # (B, T, D)
         if self.out_const is not None:
             h = h + self.out_const
@@ -321,9 +349,4 @@ class SheafForCausalLM(SheafPreTrainedModel, GenerationMixin):
         if labels is not None:
             loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
                                    labels[:, 1:].reshape(-1), ignore_index=-100)
-        return CausalLMOutputWithPast(loss=loss, logits=logits)
-
-    def prepare_inputs_for_generation(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None,
-                                      **kwargs: Any) -> dict[str, Any]:
-        # No KV cache: every step sees the whole sequence.
-        return {"input_ids": input_ids, "attention_mask": attention_mask}
+        return CausalLMOutputWithPast(loss=loss, logits=logits, **{_CACHE_FIELD: cache})

@@ -287,14 +287,14 @@ class SheafForCausalLM(SheafPreTrainedModel, GenerationMixin):
     def get_input_embeddings(self) -> nn.Module:
         return self.embed
 
-    def _rope(self, position_ids: Tensor) -> Optional[tuple[Tensor, Tensor]]:
+    def _rope(self, position_ids: Tensor, dtype: torch.dtype) -> Optional[tuple[Tensor, Tensor]]:
         if self.config.positional != "rope":
             return None
         inv = self.inv_freq.to(position_ids.device)[None, :, None].float().expand(position_ids.shape[0], -1, 1)  # (B, hd/2, 1)
         freqs = (inv @ position_ids[:, None, :].float()).transpose(1, 2)  # (B, T, hd/2)
         emb = torch.cat((freqs, freqs), dim=-1)  # (B, T, hd)
         s = self.config.rope_attention_scaling
-        return emb.cos() * s, emb.sin() * s
+        return (emb.cos() * s).to(dtype), (emb.sin() * s).to(dtype)  # computed in fp32, used in the model's dtype
 
     def forward(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None,
                 position_ids: Optional[Tensor] = None, labels: Optional[Tensor] = None,
@@ -309,7 +309,7 @@ class SheafForCausalLM(SheafPreTrainedModel, GenerationMixin):
         stream = Stream(self.n_writers, keep_rows=self.keep_rows)
         stream.add(x.unsqueeze(0))
         bias = _attn_bias(attention_mask, x.dtype)  # (B, 1, T, T)
-        rope = self._rope(position_ids)
+        rope = self._rope(position_ids, x.dtype)
         for layer in self.layers:
             layer(stream, bias, rope)
         h = self.out_reader(stream)[0]  # (B, T, D)

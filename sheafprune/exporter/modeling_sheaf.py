@@ -13,6 +13,11 @@ Llama (rmsnorm, rotary, gated MLP, GQA) families; per-layer head, KV-head and ne
 
 Generation recomputes the whole prefix at every step (no KV cache): exact and simple; fine for the
 short task prompts these models are made for.
+
+A task-vocabulary export (`vocab_keep`, the sorted token ids kept) stores embedding rows for those ids only, plus
+one fallback row last: the mean embedding over the full vocabulary, which every other input id reads. Inputs and
+logits stay in the tokenizer's ids: the head scores the kept rows (not the fallback) and every other id's logit is
+the dtype's lowest float.
 """
 
 from __future__ import annotations
@@ -33,7 +38,8 @@ class SheafConfig(PretrainedConfig):
     `n_neurons`, `neurons` (kept MLP units), `b_out` (the MLP has an output bias), `reads` ({"q": [[writer,
     ...] per head], "k", "v": per KV head, "mlp": [writer, ...]}), `const` (reader groups that carry a
     constant input vector).
-    `out_reads` / `out_const`: the same for the final reader."""
+    `out_reads` / `out_const`: the same for the final reader.
+    `vocab_keep`: the sorted token ids whose embedding (and head) rows are kept; empty = the full vocabulary."""
 
     model_type = "sheaf"
 
@@ -43,13 +49,14 @@ class SheafConfig(PretrainedConfig):
                  rope_inv_freq: Optional[list[float]] = None, rope_attention_scaling: float = 1.0,
                  attn_bias: bool = False, mlp_bias: bool = False, tie_head: bool = True,
                  layers: Optional[list[dict[str, Any]]] = None, out_reads: Optional[list[str]] = None,
-                 out_const: bool = False, **kwargs: Any):
+                 out_const: bool = False, vocab_keep: Optional[list[int]] = None, **kwargs: Any):
         self.family, self.vocab_size, self.hidden_size, self.head_dim = family, vocab_size, hidden_size, head_dim
         self.norm, self.norm_eps, self.hidden_act, self.gated = norm, norm_eps, hidden_act, gated
         self.positional, self.attn_scale, self.max_position_embeddings = positional, attn_scale, max_position_embeddings
         self.rope_inv_freq, self.rope_attention_scaling = rope_inv_freq or [], rope_attention_scaling
         self.attn_bias, self.mlp_bias, self.tie_head = attn_bias, mlp_bias, tie_head
         self.layers, self.out_const = layers or [], out_const
+        self.vocab_keep = list(vocab_keep or [])
         self.out_reads = ["in"] if out_reads is None else out_reads
         self.num_hidden_layers = len(self.layers)
         kwargs["tie_word_embeddings"] = False  # the tied head is ours (tie_head), not transformers' tying
@@ -263,7 +270,10 @@ class SheafForCausalLM(SheafPreTrainedModel, GenerationMixin):
     def __init__(self, config: SheafConfig):
         super().__init__(config)
         d = config.hidden_size
-        self.embed = nn.Embedding(config.vocab_size, d)
+        keep = config.vocab_keep
+        # With vocab_keep: the kept rows, then the fallback row that every other id reads.
+        self.embed = nn.Embedding(len(keep) + 1 if keep else config.vocab_size, d)
+        self._vocab_tables(config.vocab_size, keep)
         self.pos = nn.Embedding(config.max_position_embeddings, d) if config.positional == "learned" else None
         chunks: list[list[str]] = [["in"]]  # writer names, grouped as the stream adds them
         layers = []
@@ -275,7 +285,7 @@ class SheafForCausalLM(SheafPreTrainedModel, GenerationMixin):
                 chunks.append([f"m{spec['layer']}"])
         self.layers = nn.ModuleList(layers)
         self.norm = Norm(config)
-        self.lm_head = None if config.tie_head else nn.Linear(d, config.vocab_size, bias=False)
+        self.lm_head = None if config.tie_head else nn.Linear(d, len(keep) or config.vocab_size, bias=False)
         self.out_reader = Reader([config.out_reads], chunks)
         self.n_writers = sum(len(c) for c in chunks)
         readers = [self.out_reader] + [r for layer in layers for r in layer.readers.values()]
@@ -286,6 +296,30 @@ class SheafForCausalLM(SheafPreTrainedModel, GenerationMixin):
 
     def get_input_embeddings(self) -> nn.Module:
         return self.embed
+
+    def _vocab_tables(self, vocab_size: int, keep: list[int]) -> None:
+        """Tables from the config, not the weights file: `vocab_row` (V,) id -> embedding row, the fallback row (last)
+        for ids not kept; `vocab_ids` (K,) the kept ids, where the head's K logits go. None without keep. Plain CPU
+        tensors moved to the input's device when used, like the readers' tables: transformers' loader replaces
+        non-persistent buffers with uninitialized memory. vocab_row is int32: in model.onnx it is a constant of
+        4 bytes per id of the full vocabulary (int64 would double that, often more than the kept weights)."""
+        self.vocab_row = self.vocab_ids = None
+        if keep:
+            self.vocab_ids = torch.tensor(keep, dtype=torch.long, device="cpu")  # (K,)
+            self.vocab_row = torch.full((vocab_size,), len(keep), dtype=torch.int32, device="cpu")  # (V,)
+            self.vocab_row[self.vocab_ids] = torch.arange(len(keep), dtype=torch.int32, device="cpu")
+
+    def _head(self, h: Tensor) -> Tensor:
+        """(B, T, D) -> logits (B, T, V); with vocab_keep, ids not kept get the lowest float."""
+        if self.lm_head is not None:
+            logits = self.lm_head(h)
+        else:  # tied: the kept embedding rows, never the fallback row
+            logits = F.linear(h, self.embed.weight if self.vocab_ids is None else self.embed.weight[:-1])
+        if self.vocab_ids is None:
+            return logits
+        full = logits.new_full((*logits.shape[:-1], self.config.vocab_size), torch.finfo(logits.dtype).min)
+        ids = self.vocab_ids.to(logits.device).expand(*logits.shape[:-1], -1)  # (B, T, K)
+        return full.scatter(-1, ids, logits)  # (B, T, V)
 
     def _rope(self, position_ids: Tensor, dtype: torch.dtype) -> Optional[tuple[Tensor, Tensor]]:
         if self.config.positional != "rope":
@@ -303,7 +337,8 @@ class SheafForCausalLM(SheafPreTrainedModel, GenerationMixin):
             attention_mask = torch.ones_like(input_ids)
         if position_ids is None:  # positions count only real tokens (left padding)
             position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, T)
-        x = self.embed(input_ids)  # (B, T, D)
+        rows = input_ids if self.vocab_row is None else self.vocab_row.to(input_ids.device)[input_ids]
+        x = self.embed(rows)  # (B, T, D)
         if self.pos is not None:
             x = x + self.pos(position_ids)
         stream = Stream(self.n_writers, keep_rows=self.keep_rows)
@@ -316,7 +351,7 @@ class SheafForCausalLM(SheafPreTrainedModel, GenerationMixin):
         if self.out_const is not None:
             h = h + self.out_const
         h = self.norm(h)
-        logits = F.linear(h, self.embed.weight) if self.lm_head is None else self.lm_head(h)  # (B, T, V)
+        logits = self._head(h)  # (B, T, V)
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -27,7 +26,8 @@ from sheafprune.arch import view_of
 from sheafprune.compact import compact
 from sheafprune.exporter import export, load
 from sheafprune.exporter.hf import held_out_batch
-from sheafprune.exporter.onnx import write_onnx
+from sheafprune.exporter.measure import time_interleaved
+from sheafprune.exporter.onnx import ort_logits_fn, write_onnx
 from sheafprune.masked import default_position_ids, mask_shapes
 from sheafprune.models import fingerprint, load_model
 from sheafprune.sheaf import Sheaf, load_sheaf
@@ -47,25 +47,9 @@ def random_sheaf(model: Any, name: str, *, density: float, granularity: tuple[st
     return sheaf
 
 
-def _time_pair(fns: dict[str, Callable[[], Any]], reps: int) -> dict[str, float]:
-    """Median seconds per call of each fn, calls interleaved so machine load hits both sides alike."""
-    for fn in fns.values():
-        fn()  # warm-up
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(reps):
-        for k, fn in fns.items():
-            t = time.perf_counter()
-            fn()
-            times[k].append(time.perf_counter() - t)
-    return {k: statistics.median(v) for k, v in times.items()}
-
-
 def _ort(path: Path, ids: torch.Tensor, mask: torch.Tensor) -> Callable[[], Any]:
-    import onnxruntime as ort
-
-    runner = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    feed = {"input_ids": ids.numpy(), "attention_mask": mask.numpy()}
-    return lambda: runner.run(["logits"], feed)
+    run = ort_logits_fn(path)
+    return lambda: run(ids, mask)
 
 
 def bench_one(name: str, sheaf: Sheaf | None, *, density: float, reps: int, workdir: Path) -> dict[str, Any]:
@@ -81,10 +65,10 @@ def bench_one(name: str, sheaf: Sheaf | None, *, density: float, reps: int, work
     write_onnx(compact(view_of(model), {}).to_model(), full_onnx, input_ids=ids, attention_mask=mask)
     pos = default_position_ids(mask)
     with torch.inference_mode():
-        torch_s = _time_pair({"full": lambda: model(input_ids=ids, attention_mask=mask, position_ids=pos),
-                              "export": lambda: slim(input_ids=ids, attention_mask=mask)}, reps)
-    ort_s = _time_pair({"full": _ort(full_onnx, ids, mask), "export": _ort(workdir / "export" / "model.onnx", ids, mask)},
-                       reps)
+        torch_s = time_interleaved({"full": lambda: model(input_ids=ids, attention_mask=mask, position_ids=pos),
+                                    "export": lambda: slim(input_ids=ids, attention_mask=mask)}, reps)
+    ort_s = time_interleaved({"full": _ort(full_onnx, ids, mask),
+                              "export": _ort(workdir / "export" / "model.onnx", ids, mask)}, reps)
     return {
         "model": name, "sheaf": sheaf.meta.get("source", "discovered"), "density": sheaf.density(),
         "batch": list(ids.shape), "export_seconds": round(export_s, 1), **info,

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from bench.export_speed import _ort, _time_pair
+from bench.export_speed import _ort
 from bench.keep import non_embedding_params
 
 
@@ -23,6 +23,7 @@ def verdict(folder: Path, *, reps: int = 5) -> dict:
     from sheafprune.arch import view_of
     from sheafprune.compact import compact
     from sheafprune.exporter import load
+    from sheafprune.exporter.measure import time_interleaved
     from sheafprune.exporter.onnx import write_onnx
     from sheafprune.models import load_model
     from sheafprune.sheaf import load_sheaf
@@ -36,15 +37,15 @@ def verdict(folder: Path, *, reps: int = 5) -> dict:
     batch = encode(task, task.items("test"), tok)
     ids, mask, pos = batch.input_ids, batch.attention_mask, batch.position_ids
     with torch.inference_mode():
-        torch_s = _time_pair({"full": lambda: full(input_ids=ids, attention_mask=mask, position_ids=pos),
-                              "export": lambda: slim(input_ids=ids, attention_mask=mask)}, reps)
+        torch_s = time_interleaved({"full": lambda: full(input_ids=ids, attention_mask=mask, position_ids=pos),
+                                    "export": lambda: slim(input_ids=ids, attention_mask=mask)}, reps)
     out = {"batch": list(ids.shape), "torch_speedup": torch_s["full"] / torch_s["export"]}
     if (folder / "model.onnx").exists():
         with tempfile.TemporaryDirectory(prefix="sheafprune-verdict-") as d:
             full_onnx = Path(d) / "full.onnx"
             write_onnx(compact(view_of(full), {}).to_model(), full_onnx, input_ids=ids, attention_mask=mask)
-            ort_s = _time_pair({"full": _ort(full_onnx, ids, mask), "export": _ort(folder / "model.onnx", ids, mask)},
-                               reps)
+            ort_s = time_interleaved({"full": _ort(full_onnx, ids, mask),
+                                      "export": _ort(folder / "model.onnx", ids, mask)}, reps)
         out["ort_speedup"] = ort_s["full"] / ort_s["export"]
     full_ne = sum(p.numel() for n, p in full.named_parameters()
                   if not any(s in n for s in ("embed", "wte", "wpe", "lm_head")))

@@ -7,7 +7,7 @@ tasks, the sentences' total log-probabilities for whole-sentence pairs.
 
 from __future__ import annotations
 
-from typing import Mapping, Optional, Sequence
+from typing import Callable, Mapping, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -89,17 +89,25 @@ def accuracy(scores: Tensor, target: Tensor, weights: Optional[Tensor] = None) -
     return float(right.mean() if weights is None else (right * weights).sum() / weights.sum())
 
 
-@torch.no_grad()
 def split_scores(view: ArchView, tokenizer, task: Task, masks: Optional[Mapping[str, Tensor]], *,
                  split: str, batch_size: int = 32, device=None) -> tuple[Tensor, Tensor]:
     """Scores (n, C) and targets (n,) of a whole split under `masks` (None = the full model)."""
+    return split_scores_of(lambda batch: task_scores(view, batch, masks), tokenizer, task, split=split,
+                           batch_size=batch_size, device=device)
+
+
+@torch.no_grad()
+def split_scores_of(scores_of: Callable[[Batch], Tensor], tokenizer, task: Task, *, split: str,
+                    batch_size: int = 32, device=None) -> tuple[Tensor, Tensor]:
+    """Scores (n, C) and targets (n,) of a whole split, `scores_of(batch)` giving a batch's (B, C) scores: the one
+    loop every model is scored by (masked forward, an exported model in torch or onnxruntime)."""
     items = task.items(split)
     outs, targets = [], []
     for start in range(0, len(items), batch_size):
         batch = encode(task, items[start:start + batch_size], tokenizer)
         if device is not None:
             batch = batch.to(device)
-        outs.append(task_scores(view, batch, masks).float().cpu())
+        outs.append(scores_of(batch).float().cpu())
         targets.append(batch.target.cpu())
     return torch.cat(outs), torch.cat(targets)
 

@@ -169,6 +169,7 @@ def test_generate_with_cache_equals_without(gpt2, request, fixture):
 
 
 _NO_SHEAFPRUNE = r"""
+import os
 import sys
 sys.modules["sheafprune"] = None  # as if it were not installed
 try:
@@ -185,43 +186,123 @@ for i, folder in enumerate(sys.argv[3:]):
     card = open(f"{folder}/README.md").read()
     scope = {}  # the model card's load snippet, as a user runs it
     exec(re.search(r"```python\n(.*?)```", card, re.S).group(1).replace('"PATH"', repr(folder)), scope)
-    model, tok = scope["model"], scope["tokenizer"]
+    model, tok = scope["model"], scope["tokenizer"]  # the model in the dtype config.json says
     assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
     batch = tok(json.loads(sys.argv[2]), return_tensors="pt", padding=True)
+    ids = tok(["When Mary and John went to the store"], return_tensors="pt")
+    if os.path.exists(os.path.join(folder, "model.int8.onnx")):
+        import onnxruntime
+        runner = onnxruntime.InferenceSession(os.path.join(folder, "model.int8.onnx"), providers=["CPUExecutionProvider"])
+        out[f"int8{i}"] = torch.from_numpy(runner.run(["logits"], {k: v.numpy() for k, v in ids.items()})[0])
     with torch.no_grad():
-        out[f"logits{i}"] = model(**batch).logits
+        out[f"logits{i}"] = model(**ids).logits  # saved in the model's dtype
+        out[f"batch{i}"] = model(**batch).logits
     out[f"generated{i}"] = model.generate(**batch, max_new_tokens=3, do_sample=False)
     out[f"uncached{i}"] = model.generate(**batch, max_new_tokens=3, do_sample=False, use_cache=False)
 save_file(out, sys.argv[1])
 """
+# bf16 and fp16 logits against fp32: a few units of the format's rounding (2^-8, 2^-11) times the largest logit.
+HALF_TOLERANCE = {"bfloat16": 8 * 2 ** -8, "float16": 8 * 2 ** -11}
 
 
-def test_loads_with_plain_transformers_without_sheafprune(gpt2, exported, exported_llama, tmp_path):
-    """The model card's snippet, in a fresh process with stdin closed: no question asked, no warning about custom
-    code or the `sheaf` model type; logits and generate (with and without the cache) as sheafprune.load gives them."""
-    _, tok = gpt2
-    folders = (exported[1], exported_llama[1])
-    result = tmp_path / "result.safetensors"
-    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
+@pytest.fixture(scope="module")
+def plain(gpt2, exported, exported_llama, tmp_path_factory):
+    """Export folders loaded by plain transformers (and onnxruntime) where sheafprune cannot be imported, all in one
+    subprocess, each through its model card's load snippet with stdin closed: tiny-gpt2 in fp32, bf16 and fp16 (one
+    sheaf), tiny-llama in fp32 and with --vocab task, ONNX and int8 (another sheaf), and the GQA tiny-llama export.
+    Returns ({name: folder}, {name: {"logits", "batch", "generated", "uncached"[, "int8"]: tensor}})."""
+    model, tok = gpt2
+    sheaf, out, _ = exported
+    tmp = tmp_path_factory.mktemp("plain")
+    llama, llama_tok = load_model("tiny-llama")
+    llama_sheaf = make_sheaf(llama, "tiny-llama", ("neuron", "head", "edge"), density=0.6)
+    folders = {"gpt2": out, "bfloat16": tmp / "bf16", "float16": tmp / "fp16", "llama": tmp / "llama",
+               "llama-task": tmp / "llama-task", "gqa": exported_llama[1]}
+    for dtype in HALF_TOLERANCE:
+        export(sheaf, out=folders[dtype], model=model, tokenizer=tok, dtype=dtype)
+    export(llama_sheaf, out=folders["llama"], model=llama, tokenizer=llama_tok)
+    export(llama_sheaf, out=folders["llama-task"], model=llama, tokenizer=llama_tok, formats=["all"],
+           quantize="int8", vocab="task")
+    result = tmp / "result.safetensors"
+    env = {**os.environ, "HF_HOME": str(tmp / "hf"), "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
     proc = subprocess.run([sys.executable, "-I", "-c", _NO_SHEAFPRUNE, str(result), json.dumps(PROMPTS),
-                           *map(str, folders)], cwd=tmp_path, env=env, stdin=subprocess.DEVNULL,
-                          capture_output=True, text=True, timeout=300)
+                           *map(str, folders.values())], cwd=tmp, env=env, stdin=subprocess.DEVNULL,
+                          capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     said = (proc.stdout + proc.stderr).lower()
     assert "custom code" not in said and "sheaf" not in said, said[-3000:]
     got = load_file(str(result))
+    return folders, {name: {k: got[f"{k}{i}"] for k in ("logits", "batch", "generated", "uncached", "int8")
+                            if f"{k}{i}" in got} for i, name in enumerate(folders)}
+
+
+def test_loads_with_plain_transformers_without_sheafprune(gpt2, plain):
+    """The model card's snippet, in a fresh process with stdin closed: no question asked, no warning about custom
+    code or the `sheaf` model type; logits and generate (with and without the cache) as sheafprune.load gives them."""
+    _, tok = gpt2
+    folders, got = plain
     batch = tok(PROMPTS, return_tensors="pt", padding=True)
-    for i, folder in enumerate(folders):
-        local = load(folder)
+    for name in ("gpt2", "llama", "gqa", "bfloat16", "llama-task"):
+        local = load(folders[name])
         with torch.no_grad():
             want = local(**batch).logits
-        diff = (got[f"logits{i}"] - want)[batch.attention_mask.bool()].abs().max().item()
-        print(f"{folder.name}: plain transformers vs sheafprune.load, logits max abs diff {diff:.3g}")
-        assert diff <= 1e-6, f"{folder.name}: plain transformers vs sheafprune.load max abs diff {diff:.3g}"
+        diff = (got[name]["batch"] - want)[batch.attention_mask.bool()].abs().max().item()
+        print(f"{name}: plain transformers vs sheafprune.load, logits max abs diff {diff:.3g}")
+        assert diff <= 1e-6, f"{name}: plain transformers vs sheafprune.load max abs diff {diff:.3g}"
         gen = local.generate(**batch, max_new_tokens=3, do_sample=False)
         assert gen.shape[1] == batch.input_ids.shape[1] + 3
-        assert torch.equal(got[f"generated{i}"], gen), (got[f"generated{i}"].tolist(), gen.tolist())
-        assert torch.equal(got[f"uncached{i}"], gen), (got[f"uncached{i}"].tolist(), gen.tolist())
+        assert torch.equal(got[name]["generated"], gen), (got[name]["generated"].tolist(), gen.tolist())
+        assert torch.equal(got[name]["uncached"], gen), (got[name]["uncached"].tolist(), gen.tolist())
+
+
+@pytest.mark.parametrize("dtype", list(HALF_TOLERANCE))
+def test_half_precision_export_loads_in_its_dtype(plain, dtype):
+    folders, got = plain
+    assert json.loads((folders[dtype] / "config.json").read_text())["dtype"] == dtype
+    logits, fp32 = got[dtype]["logits"], got["gpt2"]["logits"]
+    assert logits.dtype == getattr(torch, dtype) and fp32.dtype == torch.float32, (logits.dtype, fp32.dtype)
+    diff, scale = (logits.float() - fp32).abs().max().item(), fp32.abs().max().item()
+    print(f"{dtype} vs fp32 export (plain transformers): max abs diff {diff:.3g}, largest logit {scale:.3g}")
+    assert 0 < diff <= HALF_TOLERANCE[dtype] * scale, f"{dtype}: max abs diff {diff:.3g} (largest logit {scale:.3g})"
+    info = json.loads((folders[dtype] / "sheaf.json").read_text())["export"]
+    assert info["dtype"] == dtype and 0 < info["max_abs_diff_dtype"] <= HALF_TOLERANCE[dtype] * 10, info
+    row = next(r for r in info["files"] if r["file"] == "model.safetensors")
+    assert row["dtype"] == dtype and row["bytes"] < 0.6 * info["bytes_original"] and 0 <= row["accuracy"] <= 1, row
+    assert f"holds {dtype} weights" in (folders[dtype] / "README.md").read_text()
+
+
+def test_task_vocabulary_export_in_plain_transformers(plain):
+    """Kept ids: the full-vocabulary export's logits; every other id: the lowest float32."""
+    folders, got = plain
+    keep = json.loads((folders["llama-task"] / "config.json").read_text())["vocab_keep"]
+    assert set(IDS[0]) <= set(keep), "the prompt must use kept tokens only for the logits to be equal"
+    task, full = got["llama-task"]["logits"], got["llama"]["logits"]
+    kept = torch.zeros(task.shape[-1], dtype=torch.bool)
+    kept[keep] = True
+    diff = (task[..., kept] - full[..., kept]).abs().max().item()
+    print(f"--vocab task vs full vocabulary on {len(keep)} kept ids: max abs diff {diff:.3g}")
+    assert diff <= 1e-5, f"kept logits: max abs diff {diff:.3g}"
+    assert (task[..., ~kept] == torch.finfo(torch.float32).min).all()
+
+
+def test_int8_onnx_runs_without_sheafprune(plain):
+    from sheafprune.exporter.onnx import onnx_logits
+
+    folders, got = plain
+    folder = folders["llama-task"]
+    int8, ids = got["llama-task"]["int8"], torch.tensor(IDS)
+    here = onnx_logits(folder / "model.int8.onnx", input_ids=ids, attention_mask=torch.ones_like(ids))
+    fp32 = onnx_logits(folder / "model.onnx", input_ids=ids, attention_mask=torch.ones_like(ids))
+    kept = fp32 > torch.finfo(torch.float32).min
+    diff = (int8 - fp32)[kept].abs().max().item()
+    print(f"int8 vs fp32 ONNX on kept ids: max abs diff {diff:.3g}")
+    assert torch.equal(int8, here) and 0 < diff < 0.1 * fp32[kept].abs().max().item()
+    info = json.loads((folder / "sheaf.json").read_text())["export"]
+    rows = {r["file"]: r for r in info["files"]}
+    assert rows["model.int8.onnx"]["bytes"] == info["bytes_int8"] == (folder / "model.int8.onnx").stat().st_size
+    assert info["bytes_int8"] < info["bytes_onnx"], info
+    assert 0 <= rows["model.int8.onnx"]["accuracy"] <= 1 and rows["model.int8.onnx"]["latency_ms"] > 0, rows
+    assert f"| `model.int8.onnx` | int8 | {info['bytes_int8']:,} |" in (folder / "README.md").read_text()
 
 
 def test_gate_refuses_and_writes_nothing(gpt2, tmp_path, monkeypatch):

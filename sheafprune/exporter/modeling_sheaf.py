@@ -16,6 +16,11 @@ a `DynamicCache` holds, for each layer with attention heads, the layer's kept KV
 RoPE, before they are repeated for the query heads; MLP-only layers hold nothing. With a cache, `input_ids`
 are the new tokens only and `attention_mask` covers the cached and the new tokens; positions count the real
 tokens of that mask, so left-padded batches continue where each row left off.
+
+A task-vocabulary export (`vocab_keep`, the sorted token ids kept) stores embedding rows for those ids only, plus
+one fallback row last: the mean embedding over the full vocabulary, which every other input id reads. Inputs and
+logits stay in the tokenizer's ids: the head scores the kept rows (not the fallback) and every other id's logit is
+the dtype's lowest float.
 """
 
 from __future__ import annotations
@@ -39,7 +44,8 @@ class SheafConfig(PretrainedConfig):
     `n_neurons`, `neurons` (kept MLP units), `b_out` (the MLP has an output bias), `reads` ({"q": [[writer,
     ...] per head], "k", "v": per KV head, "mlp": [writer, ...]}), `const` (reader groups that carry a
     constant input vector).
-    `out_reads` / `out_const`: the same for the final reader."""
+    `out_reads` / `out_const`: the same for the final reader.
+    `vocab_keep`: the sorted token ids whose embedding (and head) rows are kept; empty = the full vocabulary."""
 
     model_type = "sheaf"
 
@@ -49,13 +55,15 @@ class SheafConfig(PretrainedConfig):
                  rope_inv_freq: Optional[list[float]] = None, rope_attention_scaling: float = 1.0,
                  attn_bias: bool = False, mlp_bias: bool = False, tie_head: bool = True,
                  layers: Optional[list[dict[str, Any]]] = None, out_reads: Optional[list[str]] = None,
-                 out_const: bool = False, use_cache: bool = True, **kwargs: Any):
+                 out_const: bool = False, use_cache: bool = True, vocab_keep: Optional[list[int]] = None,
+                 **kwargs: Any):
         self.family, self.vocab_size, self.hidden_size, self.head_dim = family, vocab_size, hidden_size, head_dim
         self.norm, self.norm_eps, self.hidden_act, self.gated = norm, norm_eps, hidden_act, gated
         self.positional, self.attn_scale, self.max_position_embeddings = positional, attn_scale, max_position_embeddings
         self.rope_inv_freq, self.rope_attention_scaling = rope_inv_freq or [], rope_attention_scaling
         self.attn_bias, self.mlp_bias, self.tie_head = attn_bias, mlp_bias, tie_head
         self.layers, self.out_const = layers or [], out_const
+        self.vocab_keep = list(vocab_keep or [])
         self.out_reads = ["in"] if out_reads is None else out_reads
         self.num_hidden_layers = len(self.layers)
         kwargs["tie_word_embeddings"] = False  # the tied head is ours (tie_head), not transformers' tying
@@ -274,7 +282,10 @@ class SheafForCausalLM(SheafPreTrainedModel, GenerationMixin):
     def __init__(self, config: SheafConfig):
         super().__init__(config)
         d = config.hidden_size
-        self.embed = nn.Embedding(config.vocab_size, d)
+        keep = config.vocab_keep
+        # With vocab_keep: the kept rows, then the fallback row that every other id reads.
+        self.embed = nn.Embedding(len(keep) + 1 if keep else config.vocab_size, d)
+        self._vocab_tables(config.vocab_size, keep)
         self.pos = nn.Embedding(config.max_position_embeddings, d) if config.positional == "learned" else None
         chunks: list[list[str]] = [["in"]]  # writer names, grouped as the stream adds them
         layers = []
@@ -290,7 +301,7 @@ class SheafForCausalLM(SheafPreTrainedModel, GenerationMixin):
             layer.cache_idx = i  # where the layer's KV heads live in the cache
         self.n_attention = len(attention)
         self.norm = Norm(config)
-        self.lm_head = None if config.tie_head else nn.Linear(d, config.vocab_size, bias=False)
+        self.lm_head = None if config.tie_head else nn.Linear(d, len(keep) or config.vocab_size, bias=False)
         self.out_reader = Reader([config.out_reads], chunks)
         self.n_writers = sum(len(c) for c in chunks)
         readers = [self.out_reader] + [r for layer in layers for r in layer.readers.values()]
@@ -302,14 +313,38 @@ class SheafForCausalLM(SheafPreTrainedModel, GenerationMixin):
     def get_input_embeddings(self) -> nn.Module:
         return self.embed
 
-    def _rope(self, position_ids: Tensor) -> Optional[tuple[Tensor, Tensor]]:
+    def _vocab_tables(self, vocab_size: int, keep: list[int]) -> None:
+        """Tables from the config, not the weights file: `vocab_row` (V,) id -> embedding row, the fallback row (last)
+        for ids not kept; `vocab_ids` (K,) the kept ids, where the head's K logits go. None without keep. Plain CPU
+        tensors moved to the input's device when used, like the readers' tables: transformers' loader replaces
+        non-persistent buffers with uninitialized memory. vocab_row is int32: in model.onnx it is a constant of
+        4 bytes per id of the full vocabulary (int64 would double that, often more than the kept weights)."""
+        self.vocab_row = self.vocab_ids = None
+        if keep:
+            self.vocab_ids = torch.tensor(keep, dtype=torch.long, device="cpu")  # (K,)
+            self.vocab_row = torch.full((vocab_size,), len(keep), dtype=torch.int32, device="cpu")  # (V,)
+            self.vocab_row[self.vocab_ids] = torch.arange(len(keep), dtype=torch.int32, device="cpu")
+
+    def _head(self, h: Tensor) -> Tensor:
+        """(B, T, D) -> logits (B, T, V); with vocab_keep, ids not kept get the lowest float."""
+        if self.lm_head is not None:
+            logits = self.lm_head(h)
+        else:  # tied: the kept embedding rows, never the fallback row
+            logits = F.linear(h, self.embed.weight if self.vocab_ids is None else self.embed.weight[:-1])
+        if self.vocab_ids is None:
+            return logits
+        full = logits.new_full((*logits.shape[:-1], self.config.vocab_size), torch.finfo(logits.dtype).min)
+        ids = self.vocab_ids.to(logits.device).expand(*logits.shape[:-1], -1)  # (B, T, K)
+        return full.scatter(-1, ids, logits)  # (B, T, V)
+
+    def _rope(self, position_ids: Tensor, dtype: torch.dtype) -> Optional[tuple[Tensor, Tensor]]:
         if self.config.positional != "rope":
             return None
         inv = self.inv_freq.to(position_ids.device)[None, :, None].float().expand(position_ids.shape[0], -1, 1)  # (B, hd/2, 1)
         freqs = (inv @ position_ids[:, None, :].float()).transpose(1, 2)  # (B, T, hd/2)
         emb = torch.cat((freqs, freqs), dim=-1)  # (B, T, hd)
         s = self.config.rope_attention_scaling
-        return emb.cos() * s, emb.sin() * s
+        return (emb.cos() * s).to(dtype), (emb.sin() * s).to(dtype)  # computed in fp32, used in the model's dtype
 
     def forward(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None,
                 position_ids: Optional[Tensor] = None, labels: Optional[Tensor] = None,
@@ -329,13 +364,14 @@ class SheafForCausalLM(SheafPreTrainedModel, GenerationMixin):
             position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, past + T)
             if position_ids.shape[1] > t:
                 position_ids = position_ids[:, -t:]  # (B, T)
-        x = self.embed(input_ids)  # (B, T, D)
+        rows = input_ids if self.vocab_row is None else self.vocab_row.to(input_ids.device)[input_ids]
+        x = self.embed(rows)  # (B, T, D)
         if self.pos is not None:
             x = x + self.pos(position_ids)
         stream = Stream(self.n_writers, keep_rows=self.keep_rows)
         stream.add(x.unsqueeze(0))
         bias = _attn_bias(attention_mask, x.dtype, t)  # (B, 1, T, past + T)
-        rope = self._rope(position_ids)
+        rope = self._rope(position_ids, x.dtype)
         if cache is not None and not self.n_attention:  # no KV heads: a placeholder, so the cache knows its length
             cache.update(x.new_zeros(x.shape[0], 1, t, 1), x.new_zeros(x.shape[0], 1, t, 1), 0)
         for layer in self.layers:
@@ -344,7 +380,7 @@ class SheafForCausalLM(SheafPreTrainedModel, GenerationMixin):
         if self.out_const is not None:
             h = h + self.out_const
         h = self.norm(h)
-        logits = F.linear(h, self.embed.weight) if self.lm_head is None else self.lm_head(h)  # (B, T, V)
+        logits = self._head(h)  # (B, T, V)
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),

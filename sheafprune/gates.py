@@ -55,9 +55,22 @@ def concrete_p_keep(logits: Tensor, scale: float = 1.0) -> Tensor:
     return torch.sigmoid(logits / scale)
 
 
+# Below this a soft mask is 0. sigmoid(logit / s) at a low temperature reaches subnormal floats (sigmoid(-100) =
+# 4e-44 in fp32), and CPU arithmetic on subnormals is ~100x slower: a SmolLM2 weight+edge step went from 7 s to
+# 21 s once s fell to 0.02, and a matmul with such a mask from 0.05 s to 6 s.
+SOFT_FLOOR = 2.0 ** -60
+
+
+def soft_mask(logits: Tensor, scale: float) -> Tensor:
+    """sigmoid(logits / scale), with values below SOFT_FLOOR set to exactly 0 (no subnormal ever enters a product;
+    their gradient, below 1e-18, is dropped too)."""
+    m = torch.sigmoid(logits / scale)
+    return m * (m >= SOFT_FLOOR)
+
+
 def sigmoid_sample(logits: Tensor, noise: Optional[Tensor], tau: float, scale: float) -> Tensor:
     # noise and tau are unused: the mask is deterministic and its gradient exact
-    return torch.sigmoid(logits / scale)
+    return soft_mask(logits, scale)
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,7 @@ from torch import Tensor
 from .arch import ArchView
 from .config import DiscoverConfig
 from .errors import RunFailed
+from .gates import soft_mask
 from .masked import mask_shapes, masked_forward
 from .objective import FullScores, accuracy, floor_verdict, kl_to_full, split_scores, task_scores
 from .tasks import Task, answer_weights, encode
@@ -219,7 +220,7 @@ class KeepSearch:
     def step(self, step: int) -> dict[str, Any]:
         target = ramp_target(step)
         temp = temperature(target)
-        soft = {k: torch.sigmoid(v / temp) for k, v in self.logits.items()}
+        soft = {k: soft_mask(v, temp) for k, v in self.logits.items()}
         batch, idx = self._batch(step)
         kl = kl_to_full(task_scores(self.view, batch, self.forward_masks(soft)), self.full_scores(idx))
         dens = {t: torch.cat([soft[k] for k in soft if k.startswith(t + "/")]).mean()

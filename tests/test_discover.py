@@ -90,6 +90,23 @@ def test_sigmoid_gate_is_the_concrete_keep_probability_with_its_exact_gradient(s
     assert torch.equal(draws[0]["edge/0/q"], draws[1]["edge/0/q"]), "the sigmoid gate's masks depend on the noise seed"
 
 
+def test_soft_mask_never_holds_subnormal_floats():
+    """At a low temperature sigmoid(logit / s) underflows to subnormals, which CPU arithmetic handles ~100x slower:
+    the soft mask is 0 there instead, and equal to the sigmoid (and its gradient) everywhere else."""
+    from sheafprune.gates import SOFT_FLOOR, soft_mask
+
+    logits = torch.linspace(-4, 4, 801, requires_grad=True)
+    m = soft_mask(logits, 0.02)
+    tiny = torch.finfo(torch.float32).tiny  # the smallest normal float32
+    assert not ((m > 0) & (m < tiny)).any(), "a subnormal mask value"
+    plain = torch.sigmoid(logits.detach() / 0.02)
+    assert ((plain > 0) & (plain < tiny)).any(), "the test would prove nothing: no subnormal to remove"
+    above = plain >= SOFT_FLOOR
+    assert torch.equal(m.detach()[above], plain[above]) and (m.detach()[~above] == 0).all()
+    m.sum().backward()
+    assert not ((logits.grad.abs() > 0) & (logits.grad.abs() < tiny)).any(), "a subnormal gradient"
+
+
 def test_batches_are_a_function_of_seed_and_step():
     a = [batch_indices(s, n=50, size=8, seed=3) for s in range(20)]
     assert a == [batch_indices(s, n=50, size=8, seed=3) for s in range(20)]

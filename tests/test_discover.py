@@ -16,11 +16,11 @@ import torch
 from safetensors.torch import load_file
 
 from sheafprune.config import resolve_config
-from sheafprune.discovery import discover
-from sheafprune.gates import GATES, logistic_noise
+from sheafprune.discover.verb import discover
+from sheafprune.discover.gates import GATES, logistic_noise
 from sheafprune.sheaf import load_sheaf
-from sheafprune import train as train_module
-from sheafprune.train import Trainer, batch_indices, dev_rank, plan_stages, sheaf_done
+from sheafprune.discover import loop as train_module
+from sheafprune.discover.loop import Trainer, batch_indices, dev_rank, plan_stages, sheaf_done
 
 BIN = Path(sys.executable).parent
 
@@ -82,7 +82,7 @@ def test_sigmoid_gate_is_the_concrete_keep_probability_with_its_exact_gradient(s
     diff = (m - GATES["concrete"].p_keep(logits.detach(), scale)).abs().max().item()
     assert diff < 1e-12, f"sigmoid mask vs concrete P(keep): max diff {diff:.2e}"
     assert torch.autograd.gradcheck(lambda x: fn.sample(x, None, 0.01, scale), (logits,))
-    from sheafprune.maskparams import MaskLogits
+    from sheafprune.discover.masks import MaskLogits
 
     params = MaskLogits({"edge/0/q": (3, 4)}, targets={"edge": 0.5}, init_mean=0.5, init_std=1.0, seed=0)
     draws = [params(trained=("edge",), gate="sigmoid", taus={"edge": 1.0}, noise_seed=s, noise_scale=scale)[0]
@@ -93,7 +93,7 @@ def test_sigmoid_gate_is_the_concrete_keep_probability_with_its_exact_gradient(s
 def test_soft_mask_never_holds_subnormal_floats():
     """At a low temperature sigmoid(logit / s) underflows to subnormals, which CPU arithmetic handles ~100x slower:
     the soft mask is 0 there instead, and equal to the sigmoid (and its gradient) everywhere else."""
-    from sheafprune.gates import SOFT_FLOOR, soft_mask
+    from sheafprune.discover.gates import SOFT_FLOOR, soft_mask
 
     logits = torch.linspace(-4, 4, 801, requires_grad=True)
     m = soft_mask(logits, 0.02)
@@ -245,7 +245,7 @@ def test_controller_reaches_target_density():
 
 
 def test_attribution_init_ranks_logits_by_score():
-    from sheafprune.maskparams import MaskLogits
+    from sheafprune.discover.masks import MaskLogits
 
     shapes = {"w/a": (50, 40), "w/b": (30,), "edge/0/q": (3, 4)}
     params = MaskLogits(shapes, targets={}, init_mean=1.0, init_std=0.01, seed=0)
@@ -267,8 +267,8 @@ def test_attribution_init_ranks_logits_by_score():
 def test_rank_within_tensor_ranks_and_normalizes_each_tensor_on_its_own():
     """With scores 1000x smaller in one matrix, ranking over the type puts all of it at the bottom; ranking within
     each tensor spreads both over the whole range. nsgd's RMS is then taken per tensor too."""
-    from sheafprune.maskparams import MaskLogits
-    from sheafprune.train import normalize_grads
+    from sheafprune.discover.masks import MaskLogits
+    from sheafprune.discover.loop import normalize_grads
 
     shapes = {"w/q": (30, 20), "w/v": (30, 20)}
     g = torch.Generator().manual_seed(0)
@@ -290,7 +290,7 @@ def test_rank_within_tensor_ranks_and_normalizes_each_tensor_on_its_own():
 
 
 def test_projection_holds_the_target_exactly():
-    from sheafprune.maskparams import MaskLogits
+    from sheafprune.discover.masks import MaskLogits
 
     shapes = {"w/a": (40, 25), "w/b": (77,), "edge/0/q": (5, 4), "edge/out": (9,)}
     params = MaskLogits(shapes, targets={}, init_mean=0.5, init_std=1.0, seed=0)
@@ -304,7 +304,7 @@ def test_projection_holds_the_target_exactly():
 
 
 def test_exact_projection_raises_a_type_kept_below_its_target_and_sampling_lands_close():
-    from sheafprune.maskparams import MaskLogits
+    from sheafprune.discover.masks import MaskLogits
 
     shapes = {"w/a": (300, 200), "w/b": (777,), "edge/0/q": (5, 4)}
     params = MaskLogits(shapes, targets={}, init_mean=-2.0, init_std=1.0, seed=0)  # ~2% kept
@@ -317,7 +317,7 @@ def test_exact_projection_raises_a_type_kept_below_its_target_and_sampling_lands
 
 
 def test_ramp_shapes():
-    from sheafprune.maskparams import ramp
+    from sheafprune.discover.masks import ramp
 
     lin = [ramp(s, start=1.0, end=0.1, steps=10) for s in range(12)]
     cub = [ramp(s, start=1.0, end=0.1, steps=10, shape="cubic") for s in range(12)]
@@ -340,7 +340,7 @@ def test_project_control_follows_the_ramp_at_every_step():
 
 
 def test_nsgd_normalizes_gradients_by_the_rms_of_their_mask_type():
-    from sheafprune.train import normalize_grads
+    from sheafprune.discover.loop import normalize_grads
 
     g = torch.Generator().manual_seed(0)
     logits = {k: torch.zeros(s, requires_grad=True) for k, s in {"w/a": (30, 20), "w/b": (50,), "edge/0/q": (4, 3)}.items()}
@@ -413,7 +413,7 @@ def test_sigmoid_gate_trains_reproducibly_to_the_target():
 
 
 def test_margin_loss_is_the_logit_difference_and_does_not_saturate():
-    from sheafprune.objective import faithfulness, margin_loss
+    from sheafprune.discover.objective import faithfulness, margin_loss
 
     two = torch.tensor([[3.0, 1.0], [0.0, 2.5]])
     target = torch.tensor([0, 1])
@@ -444,7 +444,7 @@ def test_margin_faith_loss_trains_to_the_target_and_bad_names_are_user_errors():
 def test_kl_faithfulness_is_zero_at_the_full_model_and_trains_to_the_target(monkeypatch):
     """KL from the full model's cached scores: 0 (to float rounding) with all masks 1, and a run meets its targets;
     the full model scores each training item once however many steps see it."""
-    from sheafprune import objective
+    from sheafprune.discover import objective
     from sheafprune.arch import view_of
     from sheafprune.models import load_model
     from sheafprune.tasks import encode, load_task
@@ -472,7 +472,7 @@ def test_kl_faithfulness_is_zero_at_the_full_model_and_trains_to_the_target(monk
 def test_config_names_the_gates_and_losses_the_code_has():
     """config.py lists the names without importing torch; they must be the implementations' keys."""
     from sheafprune import config
-    from sheafprune.objective import FAITH_LOSSES
+    from sheafprune.discover.objective import FAITH_LOSSES
 
     assert set(config.GATES) == set(GATES) and set(config.FAITH_LOSSES) == set(FAITH_LOSSES)
 

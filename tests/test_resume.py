@@ -19,13 +19,13 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-import sheafprune.checkpoint as ckpt
-import sheafprune.train as train
+import sheafprune.discover.state as ckpt
+import sheafprune.discover.loop as train
 from sheafprune.cli.main import main
 from sheafprune.config import resolve_config
-from sheafprune.discovery import discover, work_dir_for
+from sheafprune.discover.verb import discover, work_dir_for
 from sheafprune.errors import UserError
-from sheafprune.maskparams import MaskLogits
+from sheafprune.discover.masks import MaskLogits
 
 SHEAFPRUNE = Path(sys.executable).with_name("sheafprune")
 # Small but not trivial: masks move (lr 0.5), the target is met early so the best-sheaf tracking is exercised,
@@ -103,7 +103,7 @@ POINTS = {
 }
 
 
-# Every point resumes exactly because train.py defers Ctrl-C to the end of the step.
+# Every point resumes exactly because the training loop defers Ctrl-C to the end of the step.
 @pytest.mark.parametrize("point", list(POINTS))
 def test_ctrl_c_anywhere_then_resume_gives_the_same_sheaf(point, cfg, reference, tmp_path, monkeypatch):
     owner, name, at_call, before = POINTS[point]

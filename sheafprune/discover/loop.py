@@ -23,15 +23,15 @@ from typing import Any, Callable, Optional
 import torch
 from torch import Tensor
 
-from .arch import ArchView
-from .checkpoint import load_latest, save_checkpoint
-from .config import DiscoverConfig
-from .errors import RunFailed, UserError
+from ..arch import ArchView
+from ..config import DiscoverConfig
+from ..errors import RunFailed, UserError
+from ..sheaf import mask_type
+from ..tasks import Task, answer_weights, encode
 from .gates import GATES, deterministic
-from .maskparams import MaskLogits, ramp, rank_group
+from .masks import MaskLogits, ramp, rank_group
 from .objective import FAITH_LOSSES, FullScores, completeness, metrics_from_scores, split_scores, task_scores
-from .sheaf import mask_type
-from .tasks import Task, answer_weights, encode
+from .state import load_latest, save_checkpoint
 
 
 @dataclass(frozen=True)
@@ -323,7 +323,7 @@ class Trainer:
         complete = completeness(task_scores(self.view, batch, comp, edge_grad=self.cfg.edge_grad))
         targets = self._targets_now(stage, local)
         if stage.sparsity == "controller":
-            # Targeted types are pulled by the controller's drift (maskparams); the others get DiscoGP's
+            # Targeted types are pulled by the controller's drift (masks.py); the others get DiscoGP's
             # plain sparsity pressure.
             untargeted = [dens[t] for t in dens if t not in targets]
             sparse = torch.stack(untargeted).mean() if untargeted else torch.zeros((), device=faith.device)

@@ -23,8 +23,8 @@ from typing import Mapping, Optional
 import torch
 from torch import Tensor, nn
 
+from ..sheaf import mask_type
 from .gates import GATES, logistic_noise
-from .sheaf import mask_type
 
 
 class MaskLogits(nn.Module):

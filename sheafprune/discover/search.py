@@ -27,13 +27,13 @@ from typing import Any, Callable, Optional
 import torch
 from torch import Tensor
 
-from .arch import ArchView
-from .config import DiscoverConfig
-from .errors import RunFailed
+from ..arch import ArchView
+from ..config import DiscoverConfig
+from ..errors import RunFailed
+from ..masked import mask_shapes, masked_forward
+from ..tasks import Task, answer_weights, encode
 from .gates import soft_mask
-from .masked import mask_shapes, masked_forward
 from .objective import FullScores, accuracy, floor_verdict, kl_to_full, split_scores, task_scores
-from .tasks import Task, answer_weights, encode
 
 SEARCH_TYPES = ("neuron", "head")
 FLOOR = 0.02  # the smallest density tried (a few heads and ~30 neurons per layer of SmolLM2)
@@ -209,7 +209,7 @@ class KeepSearch:
                          logits={k: v.detach().cpu().clone() for k, v in self.logits.items()})
 
     def _batch(self, step: int) -> tuple[Any, list[int]]:
-        from .train import batch_indices
+        from .loop import batch_indices
 
         idx = batch_indices(step, n=len(self.train_items), size=self.cfg.batch_size, seed=self.cfg.seed,
                             weights=self.train_weights)

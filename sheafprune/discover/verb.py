@@ -1,5 +1,5 @@
 """`discover`: the verb that learns a sheaf. Loads the model and task, then either searches for the smallest sheaf
-that keeps the task (no density targets: search.py) or trains the mask logits to the given targets (train.py),
+that keeps the task (no density targets: search.py) or trains the mask logits to the given targets (loop.py),
 measures the result on the test split, and returns (and optionally writes) the Sheaf."""
 
 from __future__ import annotations
@@ -12,18 +12,18 @@ from typing import Optional
 
 import torch
 
-from .arch import view_of
-from .config import DiscoverConfig
-from .errors import UserError
-from .io import check_out_dir
-from .masked import mask_shapes
+from ..arch import view_of
+from ..config import DiscoverConfig
+from ..errors import UserError
+from ..io import check_out_dir
+from ..masked import mask_shapes
+from ..models import fingerprint, load_model
+from ..sheaf import Sheaf, save_sheaf, versions
+from ..tasks import hold_out, load_task
+from .loop import Trainer, write_jsonl
 from .objective import sheaf_metrics
 from .search import KeepSearch, median_step_seconds, search_select_items
-from .models import fingerprint, load_model
 from .shard import footprint, mask_logits_for
-from .sheaf import Sheaf, save_sheaf, versions
-from .tasks import hold_out, load_task
-from .train import Trainer, write_jsonl
 
 
 def work_dir_for(out: Optional[Path]) -> Path:

@@ -13,9 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .arch import ArchView
-from .masked import masked_forward
-from .tasks import Batch, Task, answer_weights, encode, score
+from ..arch import ArchView
+from ..masked import masked_forward
+from ..tasks import Batch, Task, answer_weights, encode, score
 
 
 def task_scores(view: ArchView, batch: Batch, masks: Optional[Mapping[str, Tensor]], *,

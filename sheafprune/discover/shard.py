@@ -14,7 +14,7 @@ so under FSDP the forward would read empty shards. Instead, with N processes:
   (`RowShards.gather`; masked.py reads it under the key `masked/<name>`). The gather is autograd-aware: its backward
   reduce-scatters the full weight's gradient and divides by N, so each rank gets the gradient of the global-batch
   mean loss with respect to its own rows, the same gradient data parallelism averages (these logits' gradients are
-  therefore not all-reduced again in train.py).
+  therefore not all-reduced again in the training step).
 - the sampled masks equal the one-process run's: each rank draws the full logistic noise of a tensor from the step's
   generator (the one-process order of draws) and keeps its rows; the initial logits and the attribution init's
   jitter likewise.
@@ -40,10 +40,10 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from .arch import ArchView
+from ..arch import ArchView
+from ..sheaf import mask_type
 from .gates import logistic_noise
-from .maskparams import MaskLogits, _cdf, rank_group
-from .sheaf import mask_type
+from .masks import MaskLogits, _cdf, rank_group
 
 SHARDED_TYPES = ("weight",)  # the model-sized mask type; the others are small and stay replicated
 
@@ -193,7 +193,7 @@ class ShardedMaskLogits(MaskLogits):
     def _local(self, key: str, full: Tensor) -> Tensor:
         return self.shards.local(full) if key in self.sharded else full
 
-    # --- the hooks train.py calls (identities in MaskLogits) ----------------------------------------------
+    # --- the hooks the training loop calls (identities in MaskLogits) ----------------------------------------------
     def for_forward(self, masks: Optional[Mapping[str, Tensor]]) -> dict[str, Tensor]:
         """Masks as masked_forward reads them: each maskable weight's full masked weight, gathered from the
         ranks' `W_shard * mask_shard` (or `W_shard` without a weight mask) under `masked/<name>`."""

@@ -13,7 +13,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from .errors import UserError
+from ..errors import UserError
 
 KEEP = 2
 _REQUIRED = {"step", "optimizer", "config", "curve", "elapsed"}  # what Trainer.resume reads from the JSON

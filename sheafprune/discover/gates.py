@@ -10,7 +10,7 @@ decision (keep iff logit > 0) at test time. Each gate is one small function pair
   dropped, which is what a concrete sample at logit 1 does to 27% of them).
 
 s is the noise scale (the sigmoid gate's temperature): 1 is DiscoGP's gate; as s -> 0 the sample becomes
-the test-time mask (logit > 0). The joint schedule anneals it (train.py) so the masks trained on converge
+the test-time mask (logit > 0). The joint schedule anneals it (schedule.py) so the masks trained on converge
 to the sheaf that is evaluated.
 """
 

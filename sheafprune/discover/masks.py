@@ -32,6 +32,7 @@ class MaskLogits(nn.Module):
                  init_std: float, seed: int):
         super().__init__()
         self.keys = list(shapes)
+        self.shapes = {k: tuple(s) for k, s in shapes.items()}  # of the whole masks
         g = torch.Generator().manual_seed(seed)
         self.logits = nn.ParameterList(
             [nn.Parameter(torch.randn(shapes[k], generator=g) * init_std + init_mean) for k in self.keys])
@@ -92,19 +93,19 @@ class MaskLogits(nn.Module):
             groups.setdefault(rank_group(key, within), []).append(key)
         logits = self.named_logits()
         for keys in groups.values():
-            flat = torch.cat([scores[k].detach().float().flatten().cpu() for k in keys])
+            local = {k: scores[k].detach().float().cpu() for k in keys}
             # Scores below 1e-3 of the mean are ties at 0: their order is float noise (a sum of canceling
             # terms), which differs with the order of summation, e.g. between one and two processes.
-            floor = 1e-3 * float(flat.mean())
-            flat[flat < floor] = 0.0
-            sample = flat[torch.randint(flat.numel(), (min(flat.numel(), 1_000_000),), generator=g)]
+            floor = self._score_floor(keys, local)
+            local = {k: v.masked_fill(v < floor, 0.0) for k, v in local.items()}
+            total = sum(self._numel(k) for k in keys)
+            sample = self._entries(keys, local, torch.randint(total, (min(total, 1_000_000),), generator=g))
             edges = torch.quantile(sample, torch.linspace(0, 1, 1001))  # empirical CDF at 0.1% resolution
             for k in keys:
-                sk = scores[k].detach().float().cpu()
-                q = _cdf(sk.masked_fill(sk < floor, 0.0), edges)
-                jitter = torch.randn(q.shape, generator=g) * 1e-3  # breaks ties (e.g. all the zero scores)
+                q = _cdf(local[k], edges)
+                # breaks ties (e.g. all the zero scores); drawn for the whole mask, so every shard draws alike
+                jitter = self._local(k, torch.randn(self.shapes[k], generator=g)) * 1e-3
                 logits[k].copy_((center + spread * (2 * q - 1) + jitter).to(logits[k].device))
-            del flat
 
     @torch.no_grad()
     def project(self, targets: Mapping[str, float], *, exact: bool = False, sample: Optional[int] = None,
@@ -151,6 +152,18 @@ class MaskLogits(nn.Module):
     def _numel(self, key: str) -> int:
         """Entries of the whole mask `key`."""
         return self.named_logits()[key].numel()
+
+    def _local(self, key: str, full: Tensor) -> Tensor:
+        """This rank's part of the whole mask `key`'s tensor `full`."""
+        return full
+
+    def _score_floor(self, keys: list[str], scores: Mapping[str, Tensor]) -> float:
+        """1e-3 of the mean score over all entries of the keys (init_from_scores' floor)."""
+        return 1e-3 * float(torch.cat([scores[k].flatten() for k in keys]).mean())
+
+    def _entries(self, keys: list[str], tensors: Mapping[str, Tensor], idx: Tensor) -> Tensor:
+        """Entries `idx` of the concatenation of the keys' flattened tensors."""
+        return torch.cat([tensors[k].detach().float().flatten().cpu() for k in keys])[idx]
 
     def _sampled(self, keys: list[str], logits: Mapping[str, Tensor], idx: list[Tensor]) -> Tensor:
         """The entries idx[i] of each keys[i]'s flattened logits, concatenated."""

@@ -43,7 +43,7 @@ from torch import Tensor, nn
 from ..arch import ArchView
 from ..sheaf import mask_type
 from .gates import logistic_noise
-from .masks import MaskLogits, _cdf, rank_group
+from .masks import MaskLogits
 
 SHARDED_TYPES = ("weight",)  # the model-sized mask type; the others are small and stay replicated
 
@@ -178,7 +178,6 @@ class ShardedMaskLogits(MaskLogits):
                  init_std: float, seed: int, view: Optional[ArchView], shards: RowShards):
         super().__init__(shapes, targets=targets, init_mean=init_mean, init_std=init_std, seed=seed)
         self.shards, self.view = shards, view
-        self.shapes = {k: tuple(s) for k, s in shapes.items()}
         self.sharded = frozenset(k for k in self.keys if mask_type(k) in SHARDED_TYPES)
         # The full init was drawn above in the one-process order; keep this rank's rows of it.
         self.logits = nn.ParameterList([nn.Parameter(self._local(k, p.detach()).clone())
@@ -272,28 +271,12 @@ class ShardedMaskLogits(MaskLogits):
             offset += numel
         return self.shards.sum_(out) if sharded else out
 
-    @torch.no_grad()
-    def init_from_scores(self, scores: Mapping[str, Tensor], *, center: float, spread: float, seed: int,
-                         within: str = "type") -> None:
-        """MaskLogits.init_from_scores on shards: the same global quantiles (the mean and the 1M-entry sample
-        assembled over the ranks) and the same jitter rows."""
-        g = torch.Generator().manual_seed(seed)
-        groups: dict[str, list[str]] = {}
-        for key in scores:
-            groups.setdefault(rank_group(key, within), []).append(key)
-        logits = self.named_logits()
-        for keys in groups.values():
-            local = {k: scores[k].detach().float().cpu() for k in keys}
-            total = sum(_numel(self.shapes[k]) for k in keys)
-            s = torch.stack([v.sum() for v in local.values()]).sum().reshape(1)
-            floor = 1e-3 * float((self.shards.sum_(s) if mask_type(keys[0]) in SHARDED_TYPES else s) / total)
-            local = {k: v.masked_fill(v < floor, 0.0) for k, v in local.items()}
-            idx = torch.randint(total, (min(total, 1_000_000),), generator=g)
-            edges = torch.quantile(self._entries(keys, local, idx), torch.linspace(0, 1, 1001))
-            for k in keys:
-                q = _cdf(local[k], edges)
-                jitter = self._local(k, torch.randn(self.shapes[k], generator=g)) * 1e-3
-                logits[k].copy_((center + spread * (2 * q - 1) + jitter).to(logits[k].device))
+    # MaskLogits.init_from_scores on shards: the same global quantiles (the mean and the 1M-entry sample assembled
+    # over the ranks by _entries) and the same jitter rows (_local).
+    def _score_floor(self, keys: list[str], scores: Mapping[str, Tensor]) -> float:
+        total = sum(_numel(self.shapes[k]) for k in keys)
+        s = torch.stack([scores[k].sum() for k in keys]).sum().reshape(1)
+        return 1e-3 * float((self.shards.sum_(s) if mask_type(keys[0]) in SHARDED_TYPES else s) / total)
 
     # MaskLogits.project on shards: the same threshold, from the same sample or, exactly, by `kth_smallest` over
     # all-reduced counts.

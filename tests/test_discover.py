@@ -16,11 +16,15 @@ import torch
 from safetensors.torch import load_file
 
 from sheafprune.config import resolve_config
-from sheafprune.discover.verb import discover
+from sheafprune.discover import data as data_module
+from sheafprune.discover import discover
+from sheafprune.discover import select as select_module
+from sheafprune.discover.data import RankData, batch_indices
 from sheafprune.discover.gates import GATES, logistic_noise
+from sheafprune.discover.loop import Trainer
+from sheafprune.discover.schedule import plan_stages
+from sheafprune.discover.select import dev_rank, sheaf_done
 from sheafprune.sheaf import load_sheaf
-from sheafprune.discover import loop as train_module
-from sheafprune.discover.loop import Trainer, batch_indices, dev_rank, plan_stages, sheaf_done
 
 BIN = Path(sys.executable).parent
 
@@ -132,13 +136,13 @@ def test_balance_answers_samples_and_selects_on_the_balanced_accuracy(tmp_path, 
     path = tmp_path / "items.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     drawn: list[str] = []
-    original = train_module.encode
+    original = data_module.encode
 
     def recording(task, items, tok):
         drawn.extend(item.candidates[item.target] for item in items)
         return original(task, items, tok)
 
-    monkeypatch.setattr(train_module, "encode", recording)
+    monkeypatch.setattr(data_module, "encode", recording)
     c = cfg(task=f"jsonl:{path}", n_items=None, balance_answers=balance, steps=30, batch_size=16, warmup=0.3, eval_every=3,
             early_stop=False)
     sheaf = discover(c, progress=False)
@@ -156,13 +160,13 @@ def test_balance_answers_samples_and_selects_on_the_balanced_accuracy(tmp_path, 
 
 def test_select_items_are_held_out_of_training_and_judge_the_candidates(monkeypatch):
     drawn: list[str] = []
-    original = train_module.encode
+    original = data_module.encode
 
     def recording(task, items, tok):
         drawn.extend(item.prompt for item in items)
         return original(task, items, tok)
 
-    monkeypatch.setattr(train_module, "encode", recording)
+    monkeypatch.setattr(data_module, "encode", recording)
     sheaf = discover(cfg(select_items=16, steps=24, eval_every=2, warmup=0.3, early_stop=False), progress=False)
     from sheafprune.tasks import load_task
     from sheafprune.models import load_model
@@ -197,8 +201,8 @@ def test_early_stop_once_the_ramp_is_over_if_the_best_sheaf_passes(monkeypatch):
         calls["n"] += 1
         return [1.0, -calls["n"], 0.0]
 
-    monkeypatch.setattr(train_module, "dev_rank", rank)
-    monkeypatch.setattr(train_module, "sheaf_done", lambda dev, *, balanced: True)
+    monkeypatch.setattr(select_module, "dev_rank", rank)
+    monkeypatch.setattr(select_module, "sheaf_done", lambda dev, *, balanced: True)
     sheaf = discover(cfg(select_items=16, steps=40, eval_every=2, warmup=0.5, target_density="weight=0.9,edge=0.9",
                          dual_lr=50.0), progress=False)
     ramp_end = int(0.5 * 40)
@@ -268,7 +272,7 @@ def test_rank_within_tensor_ranks_and_normalizes_each_tensor_on_its_own():
     """With scores 1000x smaller in one matrix, ranking over the type puts all of it at the bottom; ranking within
     each tensor spreads both over the whole range. nsgd's RMS is then taken per tensor too."""
     from sheafprune.discover.masks import MaskLogits
-    from sheafprune.discover.loop import normalize_grads
+    from sheafprune.discover.step import normalize_grads
 
     shapes = {"w/q": (30, 20), "w/v": (30, 20)}
     g = torch.Generator().manual_seed(0)
@@ -317,7 +321,7 @@ def test_exact_projection_raises_a_type_kept_below_its_target_and_sampling_lands
 
 
 def test_ramp_shapes():
-    from sheafprune.discover.masks import ramp
+    from sheafprune.discover.schedule import ramp
 
     lin = [ramp(s, start=1.0, end=0.1, steps=10) for s in range(12)]
     cub = [ramp(s, start=1.0, end=0.1, steps=10, shape="cubic") for s in range(12)]
@@ -340,7 +344,7 @@ def test_project_control_follows_the_ramp_at_every_step():
 
 
 def test_nsgd_normalizes_gradients_by_the_rms_of_their_mask_type():
-    from sheafprune.discover.loop import normalize_grads
+    from sheafprune.discover.step import normalize_grads
 
     g = torch.Generator().manual_seed(0)
     logits = {k: torch.zeros(s, requires_grad=True) for k, s in {"w/a": (30, 20), "w/b": (50,), "edge/0/q": (4, 3)}.items()}
@@ -366,13 +370,13 @@ def test_lr_decays_after_the_ramp_to_lr_final():
 def test_max_minutes_bounds_the_whole_run_including_the_test_evaluation(monkeypatch):
     # Each pass over a split takes 0.2 s more, as on a real model: the closing dev evaluation (2 passes) and the
     # test evaluation (3) then cost 1 s, which a budget that only counted training steps would overrun.
-    original = Trainer._scores
+    original = RankData.scores
 
     def slow(self, split, masks):
         time.sleep(0.2)
         return original(self, split, masks)
 
-    monkeypatch.setattr(Trainer, "_scores", slow)
+    monkeypatch.setattr(RankData, "scores", slow)
     budget = 0.1  # 6 s
     t0 = time.perf_counter()
     sheaf = discover(cfg(steps=100_000, max_minutes=budget, eval_every=50), progress=False)

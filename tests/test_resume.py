@@ -19,13 +19,16 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+import sheafprune.discover.attribution as attribution
+import sheafprune.discover.objective as objective
 import sheafprune.discover.state as ckpt
-import sheafprune.discover.loop as train
+import sheafprune.discover.step as step_module
 from sheafprune.cli.main import main
 from sheafprune.config import resolve_config
-from sheafprune.discover.verb import discover, work_dir_for
-from sheafprune.errors import UserError
+from sheafprune.discover import discover, work_dir_for
+from sheafprune.discover.data import RankData
 from sheafprune.discover.masks import MaskLogits
+from sheafprune.errors import UserError
 
 SHEAFPRUNE = Path(sys.executable).with_name("sheafprune")
 # Small but not trivial: masks move (lr 0.5), the target is met early so the best-sheaf tracking is exercised,
@@ -98,7 +101,7 @@ def _interrupt_once(monkeypatch, owner, name: str, *, at_call: int, before: bool
 # fourth optimizer step, evaluated and checkpointed at its end. Ctrl-C in a forward pass is the next test.
 POINTS = {
     "between optimizer step and dual step of step 3": (MaskLogits, "dual_step", 4, True),
-    "dev evaluation after step 4": (train.Trainer, "_split_scores", 2, True),
+    "dev evaluation after step 4": (RankData, "split_scores", 2, True),
     "writing the checkpoint of step 4": (ckpt, "save_file", 2, False),
 }
 
@@ -123,7 +126,7 @@ def test_corrupt_newest_checkpoint_falls_back_and_resume_still_matches(cfg, refe
     with monkeypatch.context() as m:
         # Ctrl-C in the forward of step 4 (0-based): the step finishes and is checkpointed as step 5, next to step 4.
         # An attribution init calls the loss init_batches times before step 0.
-        _interrupt_once(m, train.FAITH_LOSSES, cfg.faith_loss, at_call=5 + _init_calls(cfg))
+        _interrupt_once(m, objective.FAITH_LOSSES, cfg.faith_loss, at_call=5 + _init_calls(cfg))
         with pytest.raises(KeyboardInterrupt):
             discover(cfg, out=out, progress=False)
     work = work_dir_for(out)
@@ -173,14 +176,15 @@ def test_checkpoint_fallback_and_full_disk(tmp_path, monkeypatch):
 
 def test_nan_loss_stops_with_one_line_and_keeps_the_last_good_checkpoint(cfg, tmp_path, monkeypatch, capsys):
     (tmp_path / "c.yaml").write_text(yaml.safe_dump({k: v for k, v in CONFIG.items()}))
-    real, calls = train.task_scores, {"n": 0}
+    real, calls = step_module.task_scores, {"n": 0}
 
     def nan_at_step_4(*args, **kwargs):  # two calls a step (sheaf, complement): calls 9-10 are step 4 (0-based),
         calls["n"] += 1                   # after one call per batch of the attribution init
         scores = real(*args, **kwargs)
         return scores * float("nan") if calls["n"] == 9 + _init_calls(resolve_config(overrides=CONFIG)) else scores
 
-    monkeypatch.setattr(train, "task_scores", nan_at_step_4)
+    monkeypatch.setattr(step_module, "task_scores", nan_at_step_4)
+    monkeypatch.setattr(attribution, "task_scores", nan_at_step_4)
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "sheaf"
     capsys.readouterr()

@@ -13,11 +13,11 @@ from sheafprune.arch import view_of
 from sheafprune.cli.main import main
 from sheafprune.compact import compact
 from sheafprune.config import resolve_config
-from sheafprune.discover.verb import discover
-from sheafprune.masked import mean_shapes, masked_forward
-from sheafprune.models import load_model, tiny_model
+from sheafprune.discover import discover
 from sheafprune.discover.objective import accuracy, floor_verdict, split_scores
 from sheafprune.discover.search import FLOOR, ramp_target, search_select_items, temperature, top_k_masks
+from sheafprune.masked import mean_shapes, masked_forward
+from sheafprune.models import load_model, tiny_model
 from sheafprune.sheaf import load_sheaf, save_sheaf
 from sheafprune.tasks import Task, hold_out, load_task
 

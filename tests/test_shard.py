@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from sheafprune.config import resolve_config
-from sheafprune.discover.verb import discover
+from sheafprune.discover import discover
 from sheafprune.discover.shard import kth_smallest, shard_rows
 from sheafprune.sheaf import load_sheaf
 

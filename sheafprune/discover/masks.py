@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from ..sheaf import mask_type
-from .gates import GATES, logistic_noise
+from .gates import GATES, deterministic, logistic_noise
 
 
 class MaskLogits(nn.Module):
@@ -237,6 +237,16 @@ class MaskLogits(nn.Module):
         return state
 
 
+def deterministic_masks(params: MaskLogits, trained: tuple[str, ...] = (), *, complement: bool = False
+                        ) -> dict[str, Tensor]:
+    """Deterministic masks; with `complement`, the `trained` types flipped (all types where none are given)."""
+    out = {}
+    for key, logit in params.named_logits().items():
+        m = deterministic(logit.detach())
+        out[key] = 1.0 - m if complement and (not trained or mask_type(key) in trained) else m
+    return out
+
+
 def rank_group(key: str, within: str) -> str:
     """The group whose entries `key`'s entries are ranked (or normalized) among: its mask type, or the tensor itself."""
     if within not in ("type", "tensor"):
@@ -254,14 +264,3 @@ def _cdf(x: Tensor, edges: Tensor) -> Tensor:
     frac = torch.where(width > 0, (x - lo) / width.clamp_min(1e-30), torch.ones_like(x)).clamp_(0, 1)
     return (i - 1 + frac) / n
 
-
-def ramp(step: int, *, start: float, end: float, steps: int, shape: str = "linear") -> float:
-    """From start (step 0) to end (step >= steps): linear, or cubic (Zhu & Gupta's gradual-pruning schedule,
-    end + (start - end) * (1 - step/steps)^3: fast at first, slow near the end, so more steps are spent close to
-    the target)."""
-    if steps <= 0 or step >= steps:
-        return end
-    frac = step / steps
-    if shape == "cubic":
-        return end + (start - end) * (1.0 - frac) ** 3
-    return start + (end - start) * frac

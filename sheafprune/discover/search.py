@@ -32,6 +32,7 @@ from ..config import DiscoverConfig
 from ..errors import RunFailed
 from ..masked import mask_shapes, masked_forward
 from ..tasks import Task, answer_weights, encode
+from .data import batch_indices
 from .gates import soft_mask
 from .objective import FullScores, accuracy, floor_verdict, kl_to_full, split_scores, task_scores
 
@@ -209,8 +210,6 @@ class KeepSearch:
                          logits={k: v.detach().cpu().clone() for k, v in self.logits.items()})
 
     def _batch(self, step: int) -> tuple[Any, list[int]]:
-        from .loop import batch_indices
-
         idx = batch_indices(step, n=len(self.train_items), size=self.cfg.batch_size, seed=self.cfg.seed,
                             weights=self.train_weights)
         per = self.cfg.batch_size // self.acc.num_processes

@@ -1,12 +1,16 @@
-"""Training checkpoints: written atomically (temp name + rename), the two newest kept, and a corrupt newest
-one falls back to the previous. Tensors go to safetensors, everything else to JSON: nothing is pickled."""
+"""The training state on disk: checkpoints of a Trainer, and resuming one from them.
+
+Checkpoints are written atomically (temp name + rename), the two newest kept, and a corrupt newest one falls back
+to the previous. Tensors go to safetensors, everything else to JSON: nothing is pickled. A checkpoint always holds
+the full state (sharded logits are gathered), so a run resumes with or without shard_masks.
+"""
 
 from __future__ import annotations
 
 import json
 import os
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 from safetensors import SafetensorError
@@ -14,9 +18,14 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from ..errors import UserError
+from .schedule import stage_at
+from .step import make_optimizer
+
+if TYPE_CHECKING:
+    from .loop import Trainer
 
 KEEP = 2
-_REQUIRED = {"step", "optimizer", "config", "curve", "elapsed"}  # what Trainer.resume reads from the JSON
+_REQUIRED = {"step", "optimizer", "config", "curve", "elapsed"}  # what resume reads from the JSON
 
 
 def _flatten_optimizer(state: dict) -> tuple[dict[str, Tensor], dict]:
@@ -79,3 +88,48 @@ def load_latest(work_dir: Path) -> Optional[tuple[dict[str, Tensor], dict, dict]
             continue  # NaN/inf logits or optimizer moments: no good state to resume from
         return {k: v for k, v in tensors.items() if not k.startswith("opt/")}, opt, info
     return None
+
+
+def checkpoint(t: Trainer) -> None:
+    """Save the trainer's state: logits, multipliers, best sheaf, optimizer, curve (a collective where sharded)."""
+    # Sharded logits are gathered (every rank takes part), so a checkpoint always holds the full state.
+    tensors = {f"logits/{k}": v for k, v in t.params.gather_full(t.params.named_logits()).items()}
+    tensors["multipliers"] = t.params.multipliers
+    best = t.select.best
+    if best is not None:
+        tensors.update({f"best/{k}": v for k, v in t.params.gather_full(best["logits"]).items()})
+    opt_state = t.params.gather_state(t.optimizer.state_dict(), t.optimizer)
+    if not t.acc.is_main_process:
+        return
+    best = None if best is None else {k: v for k, v in best.items() if k != "logits"}
+    save_checkpoint(t.work_dir, step=t.step, tensors=tensors, optimizer_state=opt_state,
+                    info={"config": t.cfg.to_dict(), "curve": t.curve, "best": best, "elapsed": t.elapsed})
+
+
+def resume(t: Trainer) -> bool:
+    """Load the newest checkpoint of the trainer's work_dir into it; False if there is none."""
+    found = load_latest(t.work_dir)
+    if found is None:
+        return False
+    tensors, opt_state, info = found
+    saved = dict(info["config"])
+    now = t.cfg.to_dict()
+    # shard_masks may differ: a checkpoint holds the full state either way.
+    differ = sorted(k for k in now if k not in ("steps", "early_stop", "max_minutes", "shard_masks")
+                    and saved.get(k, False if k == "shard_masks" else None) != now[k])
+    if differ:
+        raise UserError(f"--resume: the checkpoint in {t.work_dir} was made with different options "
+                        f"({', '.join(differ)}); use the same options or drop --resume")
+    with torch.no_grad():
+        mine = t.params.local({k: tensors[f"logits/{k}"] for k in t.params.keys})
+        for k, p in t.params.named_logits().items():
+            p.copy_(mine[k])
+        t.params.multipliers.copy_(tensors["multipliers"])
+    t.step, t.curve, t.elapsed = int(info["step"]), list(info["curve"]), float(info["elapsed"])
+    if info.get("best") is not None:
+        best = t.params.local({k[5:]: v for k, v in tensors.items() if k.startswith("best/")})
+        t.select.best = {**info["best"], "logits": dict(best)}
+    stage, _ = stage_at(t.stages, t.step)
+    t.optimizer = make_optimizer(t.cfg, t.params, stage)
+    t.optimizer.load_state_dict(t.params.local_state(opt_state, t.optimizer))
+    return True

@@ -4,6 +4,7 @@ measures the result on the test split, and returns (and optionally writes) the S
 
 from __future__ import annotations
 
+import json
 import shutil
 import tempfile
 import time
@@ -20,7 +21,7 @@ from ..masked import mask_shapes
 from ..models import fingerprint, load_model
 from ..sheaf import Sheaf, save_sheaf, versions
 from ..tasks import hold_out, load_task
-from .loop import Trainer, write_jsonl
+from .loop import Trainer
 from .objective import sheaf_metrics
 from .search import KeepSearch, median_step_seconds, search_select_items
 from .shard import footprint, mask_logits_for
@@ -38,7 +39,6 @@ def discover(cfg: DiscoverConfig, *, out: Optional[Path] = None, resume: bool = 
              progress: bool = True, accelerator=None) -> Sheaf:
     """Learn a sheaf for `cfg.task` on `cfg.model`; write it to `out` (atomically) if given."""
     from accelerate import Accelerator
-    from accelerate.utils import gather_object
 
     started = time.perf_counter()
     if resume and cfg.searches:
@@ -46,17 +46,7 @@ def discover(cfg: DiscoverConfig, *, out: Optional[Path] = None, resume: bool = 
 
     # cpu=True on a machine without CUDA makes a torchrun-style launch (WORLD_SIZE > 1) a gloo process group.
     acc = accelerator or Accelerator(cpu=not torch.cuda.is_available())
-    if out is not None:
-        check_out_dir(Path(out), overwrite=overwrite)
-    if cfg.batch_size % acc.num_processes:
-        raise UserError(f"--batch-size {cfg.batch_size} must be divisible by the {acc.num_processes} processes")
-    work_dir = work_dir_for(out)
-    has_ckpt = any(work_dir.glob("ckpt-*.json"))
-    if resume and not has_ckpt:
-        raise UserError(f"--resume: no checkpoint in {work_dir}; run without --resume to start afresh")
-    if not resume and acc.is_main_process and work_dir.exists():
-        shutil.rmtree(work_dir)  # a fresh run never mixes with an old one's checkpoints
-    acc.wait_for_everyone()
+    work_dir = _prepare_work_dir(cfg, acc, out=out, resume=resume, overwrite=overwrite)
 
     model, tokenizer = load_model(cfg.model)
     model_fingerprint = fingerprint(model)  # before shard_masks replaces the maskable weights by row shards
@@ -74,8 +64,35 @@ def discover(cfg: DiscoverConfig, *, out: Optional[Path] = None, resume: bool = 
     if cfg.searches:
         sheaf = _search(cfg, view=view, tokenizer=tokenizer, task=task, acc=acc, work_dir=work_dir, started=started,
                         progress=progress, model_fingerprint=model_fingerprint)
-        _finish(sheaf, acc=acc, out=out, work_dir=work_dir, overwrite=overwrite)
-        return sheaf
+    else:
+        sheaf = _train(cfg, view=view, tokenizer=tokenizer, task=task, params=params, acc=acc, work_dir=work_dir,
+                       started=started, progress=progress, resume=resume, out=out,
+                       model_fingerprint=model_fingerprint)
+    _finish(sheaf, acc=acc, out=out, work_dir=work_dir, overwrite=overwrite)
+    return sheaf
+
+
+def _prepare_work_dir(cfg: DiscoverConfig, acc, *, out: Optional[Path], resume: bool, overwrite: bool) -> Path:
+    """Check the output folder, the batch size and --resume; a fresh run starts from an empty work folder."""
+    if out is not None:
+        check_out_dir(Path(out), overwrite=overwrite)
+    if cfg.batch_size % acc.num_processes:
+        raise UserError(f"--batch-size {cfg.batch_size} must be divisible by the {acc.num_processes} processes")
+    work_dir = work_dir_for(out)
+    has_ckpt = any(work_dir.glob("ckpt-*.json"))
+    if resume and not has_ckpt:
+        raise UserError(f"--resume: no checkpoint in {work_dir}; run without --resume to start afresh")
+    if not resume and acc.is_main_process and work_dir.exists():
+        shutil.rmtree(work_dir)  # a fresh run never mixes with an old one's checkpoints
+    acc.wait_for_everyone()
+    return work_dir
+
+
+def _train(cfg: DiscoverConfig, *, view, tokenizer, task, params, acc, work_dir: Path, started: float,
+           progress: bool, resume: bool, out: Optional[Path], model_fingerprint: str) -> Sheaf:
+    """Training to the density targets (loop.py) and its test metrics, as a Sheaf."""
+    from accelerate.utils import gather_object
+
     trainer = Trainer(cfg=cfg, view=view, tokenizer=tokenizer, task=task, params=params, accelerator=acc,
                       work_dir=work_dir, progress=progress, started=started)
     if resume:
@@ -102,7 +119,8 @@ def discover(cfg: DiscoverConfig, *, out: Optional[Path] = None, resume: bool = 
         mine = params.local(final)
         for key, p in params.named_logits().items():
             p.copy_(mine[key])
-    metrics = trainer.evaluate("test", tuple(cfg.granularity))
+    metrics = trainer.select.evaluate("test", tuple(cfg.granularity))
+    best = trainer.select.best
     sheaf = Sheaf(logits=final, curve=trainer.curve, meta={
         "format": "sheafprune.sheaf/1",
         "model": {"name": cfg.model, "fingerprint": model_fingerprint, "family": view.spec.family},
@@ -115,9 +133,9 @@ def discover(cfg: DiscoverConfig, *, out: Optional[Path] = None, resume: bool = 
         "training": {"steps": trainer.step, "seconds": round(trainer.elapsed, 1),
                      "step_seconds": median_step_seconds(trainer.step_times),
                      "wall_seconds": round(time.perf_counter() - started, 1), "processes": acc.num_processes,
-                     "best_step": None if trainer.best is None else trainer.best["step"],
+                     "best_step": None if best is None else best["step"],
                      # what the kept sheaf was judged on: dev, or dev + the select items held out of train
-                     "best_judged": None if trainer.best is None else trainer.best.get("judged"),
+                     "best_judged": None if best is None else best.get("judged"),
                      # elements each rank holds at the end (list index = rank); shard_masks divides them by N
                      "per_rank": gather_object([footprint(params, trainer.optimizer, view)]),
                      "task_notes": task.notes},
@@ -125,7 +143,6 @@ def discover(cfg: DiscoverConfig, *, out: Optional[Path] = None, resume: bool = 
         "versions": versions(),
     })
     sheaf.meta["density"] = sheaf.density()
-    _finish(sheaf, acc=acc, out=out, work_dir=work_dir, overwrite=overwrite)
     return sheaf
 
 
@@ -168,3 +185,10 @@ def _search(cfg: DiscoverConfig, *, view, tokenizer, task, acc, work_dir: Path, 
     sheaf.meta["training"]["wall_seconds"] = round(time.perf_counter() - started, 1)
     sheaf.meta["density"] = sheaf.density()
     return sheaf
+
+
+def write_jsonl(path: Path) -> Callable[[dict], None]:
+    def log(row: dict) -> None:
+        with open(path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+    return log

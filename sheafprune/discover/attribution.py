@@ -1,0 +1,48 @@
+"""The attribution init: before step 1 of a fresh run, mask logits ranked by how much each entry matters.
+
+The score of a mask entry is |dL/dm| at m = 1 (the full model), L the faithfulness loss (cfg.faith_loss), summed
+over cfg.init_batches training batches: the first-order change of the loss if that entry alone were removed (for
+edges this is edge attribution patching with zero ablation; with cfg.edge_grad "secant", the removal's effect taken
+exactly through the reader's norm). Every rank scores its slice of the same global batches and the scores are
+all-reduced, so the logits are identical on every rank.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..arch import ArchView
+from ..config import DiscoverConfig
+from ..errors import RunFailed
+from .data import RankData
+from .masks import MaskLogits
+from .objective import FAITH_LOSSES, task_scores
+from .schedule import attribution_init
+
+
+def init_logits(*, cfg: DiscoverConfig, view: ArchView, params: MaskLogits, data: RankData, accelerator,
+                progress: bool) -> None:
+    """Attribution-ranked logits (cfg.init), else keep DiscoGP's constant init."""
+    if not attribution_init(cfg):
+        return
+    from tqdm.auto import tqdm
+
+    shapes = {k: tuple(p.shape) for k, p in params.named_logits().items()}
+    ones = {k: torch.ones(shape, device=accelerator.device, requires_grad=True) for k, shape in shapes.items()}
+    for b in tqdm(range(cfg.init_batches), desc="attribution", disable=not progress, leave=False):
+        batch = data.local_batch(b)
+        scores = task_scores(view, batch, params.for_forward(ones), edge_grad=cfg.edge_grad)
+        init_loss = "ce" if cfg.faith_loss == "kl" else cfg.faith_loss  # KL's gradient is 0 here
+        FAITH_LOSSES[init_loss](scores, batch.target, None).backward()
+    scores = {}
+    for k, m in ones.items():
+        g = m.grad if m.grad is not None else torch.zeros_like(m)
+        if accelerator.num_processes > 1 and k not in params.sharded:
+            g = accelerator.reduce(g, reduction="mean")
+        if not torch.isfinite(g).all():
+            raise RunFailed(f"the attribution init got a non-finite gradient for {k}; the model's outputs on "
+                            f"this task are not finite (try --init constant)")
+        scores[k] = g.abs()
+    del ones
+    params.init_from_scores(scores, center=cfg.init_mean, spread=cfg.init_spread, seed=cfg.seed,
+                            within=cfg.rank_within)

@@ -1,0 +1,120 @@
+"""The training schedule: pure functions of the config, the stage and the step within it.
+
+A run is one or two stages (`plan_stages`); within a stage the density targets and the noise scale ramp from
+their start to their end over the first `warmup` share of its steps, then the lr may decay. DiscoGP's staged
+preset weighs sparsity by `paper_lambda` instead of ramping targets.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..config import DiscoverConfig
+from .gates import GATES
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    trained: tuple[str, ...]
+    steps: int
+    sparsity: str  # "controller" | "paper-weights" | "paper-edges"
+
+
+def plan_stages(cfg: DiscoverConfig) -> list[Stage]:
+    if cfg.schedule == "joint":
+        return [Stage("joint", tuple(cfg.granularity), cfg.steps, "controller")]
+    nodes = tuple(g for g in cfg.granularity if g != "edge")
+    stages = [Stage("weights", nodes, cfg.steps, "paper-weights")] if nodes else []
+    if "edge" in cfg.granularity:
+        stages.append(Stage("edges", ("edge",), cfg.steps, "paper-edges"))
+    return stages
+
+
+def stage_at(stages: list[Stage], step: int) -> tuple[Stage, int]:
+    """The stage of global step `step` and the step within it (past the end: the last stage's end)."""
+    for stage in stages:
+        if step < stage.steps:
+            return stage, step
+        step -= stage.steps
+    return stages[-1], stages[-1].steps
+
+
+def paper_lambda(stage: Stage, step: int) -> float:
+    """DiscoGP's per-epoch sparsity weights, stretched over the stage's steps: weights ramp 1 -> 1000;
+    edges ramp 1 -> 100 over the first 20%, down to 0.01 over the next 20%, then stay at 0.01."""
+    frac = step / max(stage.steps, 1)
+    if stage.sparsity == "paper-weights":
+        return 1.0 + 999.0 * frac
+    if frac < 0.2:
+        return 1.0 + 99.0 * frac / 0.2
+    if frac < 0.4:
+        return 100.0 * (0.01 / 100.0) ** ((frac - 0.2) / 0.2)
+    return 0.01
+
+
+def ramp(step: int, *, start: float, end: float, steps: int, shape: str = "linear") -> float:
+    """From start (step 0) to end (step >= steps): linear, or cubic (Zhu & Gupta's gradual-pruning schedule,
+    end + (start - end) * (1 - step/steps)^3: fast at first, slow near the end, so more steps are spent close to
+    the target)."""
+    if steps <= 0 or step >= steps:
+        return end
+    frac = step / steps
+    if shape == "cubic":
+        return end + (start - end) * (1.0 - frac) ** 3
+    return start + (end - start) * frac
+
+
+def targets(cfg: DiscoverConfig) -> dict[str, float]:
+    """The density target of each targeted mask type, where the ramp ends."""
+    return {t: float(d) for t, d in cfg.target_density.items()}
+
+
+def ramp_steps(cfg: DiscoverConfig, stage: Stage) -> int:
+    """Steps of the stage over which the density target (and the noise scale) ramp; after them the lr decays."""
+    return int(cfg.warmup * stage.steps)
+
+
+def targets_at(cfg: DiscoverConfig, stage: Stage, local: int, start_density: float) -> dict[str, float]:
+    """The density target of each targeted type the stage trains, at step `local` of the stage."""
+    warm = ramp_steps(cfg, stage)
+    return {t: ramp(local, start=start_density, end=d, steps=warm, shape=cfg.ramp)
+            for t, d in targets(cfg).items() if t in stage.trained}
+
+
+def noise_scale(cfg: DiscoverConfig, stage: Stage, local: int) -> float:
+    """1 (DiscoGP) in the staged preset; noise_start -> noise_final over the warmup in the joint schedule."""
+    if stage.sparsity != "controller":
+        return 1.0
+    return ramp(local, start=cfg.noise_start, end=cfg.noise_final, steps=ramp_steps(cfg, stage))
+
+
+def lr_at(cfg: DiscoverConfig, stage: Stage, local: int) -> float:
+    """cfg.lr; in the joint schedule with lr_final set, linear from lr at the ramp's end to lr_final at the last step."""
+    warm = ramp_steps(cfg, stage)
+    if stage.sparsity != "controller" or cfg.lr_final is None or local < warm:
+        return cfg.lr
+    return ramp(local - warm, start=cfg.lr, end=cfg.lr_final, steps=max(stage.steps - 1 - warm, 1))
+
+
+def attribution_init(cfg: DiscoverConfig) -> bool:
+    """Whether the run starts from attribution-ranked logits (joint schedule only), else DiscoGP's constant init."""
+    return cfg.init == "attribution" and cfg.schedule == "joint"
+
+
+def initial_density(cfg: DiscoverConfig) -> float:
+    """Expected kept fraction of the initial logits under the first step's noise scale: where the target
+    ramp starts. From the init's distribution, not the logits, so a resumed run computes the same ramp."""
+    stage = plan_stages(cfg)[0]
+    scale = noise_scale(cfg, stage, 0)
+    c, a = cfg.init_mean, cfg.init_spread
+    grid = c + a * torch.linspace(-1, 1, 2001) if attribution_init(cfg) else torch.tensor([c])
+    return float(GATES[cfg.gate].p_keep(grid, scale).mean())  # attribution: logits uniform in c +- a
+
+
+def straight_through_taus(cfg: DiscoverConfig) -> dict[str, float]:
+    """The straight-through temperature of each mask type. Node masks (neurons, heads) are few and coarse like
+    edges: they get the edge temperature."""
+    return {"weight": cfg.tau_weight, "neuron": cfg.tau_edge, "head": cfg.tau_edge, "edge": cfg.tau_edge}

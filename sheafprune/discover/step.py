@@ -1,0 +1,147 @@
+"""One training step of the mask logits: sample masks, score the task with the sheaf and its complement, step the
+logits, then move the density toward its target (the controller's dual step and drift, or a projection).
+
+Data parallelism: every rank draws the same masks (noise seeded by the step), scores its own slice of the global
+batch, and gradients are all-reduced (mean) before the step, so N processes compute what one process computes on
+the whole batch.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+from torch import Tensor
+
+from ..arch import ArchView
+from ..config import DiscoverConfig
+from ..errors import RunFailed
+from ..sheaf import mask_type
+from .data import RankData
+from .masks import MaskLogits, deterministic_masks, rank_group
+from .objective import FAITH_LOSSES, FullScores, completeness, task_scores
+from .schedule import (Stage, initial_density, lr_at, noise_scale, paper_lambda, plan_stages, stage_at,
+                       straight_through_taus, targets_at)
+
+
+def make_optimizer(cfg: DiscoverConfig, params: MaskLogits, stage: Stage) -> torch.optim.Optimizer:
+    """The optimizer of a stage, over the logits of the mask types it trains (the others stop requiring grad)."""
+    for key, p in params.named_logits().items():
+        p.requires_grad_(mask_type(key) in stage.trained)
+    trained = [p for p in params.named_logits().values() if p.requires_grad]
+    if cfg.optimizer == "nsgd":  # gradients normalized per type in TrainStep
+        return torch.optim.SGD(trained, lr=cfg.lr, momentum=0.9, dampening=0.9)
+    return torch.optim.AdamW(trained, lr=cfg.lr, betas=(0.9, cfg.adam_beta2), weight_decay=0.0)
+
+
+@torch.no_grad()
+def normalize_grads(logits: dict[str, Tensor], *, sharded=frozenset(), reduce_sum: Optional[Callable] = None,
+                    within: str = "type") -> None:
+    """nsgd: divide every gradient by the RMS of the gradients of its mask type (`within` "type") or of its own
+    tensor ("tensor"), over all entries.
+
+    Keys in `sharded` hold this rank's rows only: their sum of squares and count are summed over the ranks with
+    `reduce_sum`, so every rank divides by the RMS of the full group, as one process would.
+    """
+    local: dict[tuple[str, bool], Tensor] = {}  # (group, sharded) -> [sum of squares, count]
+    for key, p in logits.items():
+        if p.grad is not None:
+            part = (rank_group(key, within), key in sharded)
+            acc = local.setdefault(part, torch.zeros(2, dtype=torch.float64, device=p.grad.device))
+            acc += torch.stack([p.grad.double().square().sum(), torch.tensor(float(p.grad.numel()), dtype=torch.float64,
+                                                                            device=p.grad.device)])
+    total: dict[str, Tensor] = {}
+    for (group, is_sharded), acc in local.items():
+        if is_sharded and reduce_sum is not None:
+            acc = reduce_sum(acc)
+        total[group] = total.get(group, 0) + acc
+    for key, p in logits.items():
+        if p.grad is not None:
+            sq, n = total[rank_group(key, within)].tolist()
+            p.grad.div_(max((sq / max(n, 1.0)) ** 0.5, 1e-30))
+
+
+class TrainStep:
+    """Call with the global step and the optimizer: trains one step, returns its row of the training curve."""
+
+    def __init__(self, *, cfg: DiscoverConfig, view: ArchView, params: MaskLogits, data: RankData,
+                 full_scores: FullScores, accelerator, work_dir: Path):
+        self.cfg, self.view, self.params, self.data, self.full_scores = cfg, view, params, data, full_scores
+        self.acc, self.work_dir = accelerator, work_dir
+        self.stages = plan_stages(cfg)
+        self.start_density = initial_density(cfg)
+        self.taus = straight_through_taus(cfg)
+        self._frozen_for: Optional[str] = None
+
+    def _frozen(self, stage: Stage) -> Optional[dict[str, Tensor]]:
+        """Deterministic masks of the types this stage does not train (fixed for the whole stage)."""
+        if stage.trained == tuple(self.cfg.granularity):
+            return None
+        if self._frozen_for != stage.name:
+            self._frozen_masks = {k: v for k, v in deterministic_masks(self.params).items()
+                                  if mask_type(k) not in stage.trained}
+            self._frozen_for = stage.name
+        return self._frozen_masks
+
+    def __call__(self, step: int, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        stage, local = stage_at(self.stages, step)
+        frozen = self._frozen(stage)
+        scale = noise_scale(self.cfg, stage, local)
+        masks, comp, dens = self.params(trained=stage.trained, gate=self.cfg.gate, taus=self.taus,
+                                        noise_seed=self.cfg.seed * 1_000_003 + step, noise_scale=scale,
+                                        frozen_masks=frozen)
+        batch = self.data.local_batch(step)
+        scores = task_scores(self.view, batch, masks, edge_grad=self.cfg.edge_grad)
+        full = self.full_scores(self.data.local_indices(step)) if self.cfg.faith_loss == "kl" else None
+        faith = FAITH_LOSSES[self.cfg.faith_loss](scores, batch.target, full)
+        complete = completeness(task_scores(self.view, batch, comp, edge_grad=self.cfg.edge_grad))
+        targets = targets_at(self.cfg, stage, local, self.start_density)
+        if stage.sparsity == "controller":
+            # Targeted types are pulled by the controller's drift (masks.py); the others get DiscoGP's
+            # plain sparsity pressure.
+            untargeted = [dens[t] for t in dens if t not in targets]
+            sparse = torch.stack(untargeted).mean() if untargeted else torch.zeros((), device=faith.device)
+        else:
+            sparse = paper_lambda(stage, local) * torch.stack(list(dens.values())).mean()
+        loss = faith + self.cfg.lambda_complete * complete + sparse
+        if not torch.isfinite(loss):
+            kept = (f"the last good checkpoint is in {self.work_dir}" if any(self.work_dir.glob("ckpt-*.json"))
+                    else "no checkpoint was written yet")
+            raise RunFailed(f"loss became {float(loss.detach())} at step {step}; {kept} (try a lower --lr)")
+        lr = lr_at(self.cfg, stage, local)
+        self._descend(loss, optimizer, lr)
+        expected = {t: float(d.detach()) for t, d in dens.items()}
+        self._control(stage, targets, step, lr)
+        kept = self.params.kept(stage.trained)
+        vals = torch.stack([loss.detach(), faith.detach(), complete.detach()])
+        if self.acc.num_processes > 1:
+            vals = self.acc.reduce(vals, reduction="mean")
+        return {"step": step + 1, "stage": stage.name, "loss": float(vals[0]), "faith": float(vals[1]),
+                "complete": float(vals[2]), "expected": expected, "kept": kept, "target": targets,
+                "noise": round(scale, 4), "lr": lr}
+
+    def _descend(self, loss: Tensor, optimizer: torch.optim.Optimizer, lr: float) -> None:
+        """Backward, the ranks' mean gradient (nsgd: normalized), one optimizer step at `lr`."""
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        for key, p in self.params.named_logits().items():  # data parallel: mean of the ranks' gradients
+            if p.grad is not None and self.acc.num_processes > 1 and key not in self.params.sharded:
+                p.grad = self.acc.reduce(p.grad, reduction="mean")
+        if self.cfg.optimizer != "adamw":
+            reduce = (lambda x: self.acc.reduce(x, reduction="sum")) if self.acc.num_processes > 1 else None
+            normalize_grads(self.params.named_logits(),
+                            sharded=self.params.sharded, reduce_sum=reduce, within=self.cfg.rank_within)
+        optimizer.step()
+
+    def _control(self, stage: Stage, targets: dict[str, float], step: int, lr: float) -> None:
+        """After the optimizer step, the density control of the joint schedule."""
+        if stage.sparsity == "controller" and self.cfg.control == "project":
+            # Top-k at every step: a threshold from a 2M-entry sample (kthvalue over all of SmolLM2's 134M weight
+            # logits costs ~1.7 s); evaluations project exactly.
+            self.params.project(targets, exact=True, sample=2_000_000, seed=self.cfg.seed * 1_000_003 + step)
+        elif stage.sparsity == "controller":
+            self.params.dual_step(self.params.kept(stage.trained), targets, self.cfg.dual_lr)
+            self.params.drift(stage.trained, lr)

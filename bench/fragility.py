@@ -43,7 +43,7 @@ def _iterative_edge_pruning(view, tok, task, shapes: dict, judge) -> list[dict]:
     16) and removing the lowest-scored ones down to 0.05^(round/30) kept; scored by |dCE/dmask| (autograd) or by
     |the secant| (edge_grad "secant": the removal taken exactly through the reader's norm)."""
     from sheafprune.discover.objective import faithfulness, task_scores
-    from sheafprune.sheaf import mask_type
+    from sheafprune.graph import mask_type
     from sheafprune.tasks import encode
 
     edge_keys = [k for k in shapes if mask_type(k) == "edge"]
@@ -74,7 +74,7 @@ def measure(model_name: str, task_name: str) -> dict:
     from sheafprune.masked import mask_shapes
     from sheafprune.models import load_model
     from sheafprune.discover.objective import accuracy, faithfulness, split_scores, task_scores
-    from sheafprune.sheaf import mask_type
+    from sheafprune.graph import mask_type, weight_name
     from sheafprune.tasks import encode, load_task
 
     model, tok = load_model(model_name)
@@ -104,7 +104,7 @@ def measure(model_name: str, task_name: str) -> dict:
                          **judge({k: (torch.rand(shapes[k], generator=g) >= p).float() for k in keys})})
         rankings = {"attribution": {k: attribution[k] for k in keys}}
         if t == "weight":
-            rankings["magnitude"] = {k: weights[k[2:]].detach().abs() for k in keys}  # "w/<hf name>"
+            rankings["magnitude"] = {k: weights[weight_name(k)].detach().abs() for k in keys}
         for name, scores in rankings.items():
             for p in FRACTIONS[name]:
                 rows.append({"type": t, "removed": f"lowest {name}", "fraction": p, **judge(_lowest_removed(scores, p))})

@@ -25,6 +25,7 @@ from torch import Tensor
 
 from .arch import ArchView, AttnParams, MlpParams
 from .errors import UserError
+from .graph import EDGE_OUT, edge_key, head_key, mean_key, neuron_key, weight_key
 from .masked import Masks
 
 # HF names of what the per-head view does not expose: embeddings, norms, unembedding.
@@ -73,7 +74,7 @@ class _Plan:
 
         def w(name: str) -> Tensor:
             p = view.model.get_parameter(name).detach().to(dtype)
-            m = self.masks.get("w/" + name)
+            m = self.masks.get(weight_key(name))
             return p if m is None else p * m
 
         def ones(*shape: int) -> Tensor:
@@ -82,10 +83,10 @@ class _Plan:
         def zeros(*shape: int) -> Tensor:
             return torch.zeros(*shape, dtype=dtype)
 
-        self.layers = [_Layer(view.attn(l, w), view.mlp(l, w), self.masks.get(f"head/{l}", ones(s.n_heads)),
-                              self.masks.get(f"neuron/{l}", ones(s.d_mlp)),
-                              self.masks.get(f"mean/head/{l}", zeros(s.n_heads, s.d_model)),
-                              self.masks.get(f"mean/neuron/{l}", zeros(s.d_mlp))) for l in range(s.n_layers)]
+        self.layers = [_Layer(view.attn(l, w), view.mlp(l, w), self.masks.get(head_key(l), ones(s.n_heads)),
+                              self.masks.get(neuron_key(l), ones(s.d_mlp)),
+                              self.masks.get(mean_key(head_key(l)), zeros(s.n_heads, s.d_model)),
+                              self.masks.get(mean_key(neuron_key(l)), zeros(s.d_mlp))) for l in range(s.n_layers)]
         self.const: list[Optional[Tensor]] = [None] * self.graph.n_writers()  # per writer, (D,) if constant
         self.live = [False] * self.graph.n_writers()
 
@@ -121,7 +122,7 @@ class _Plan:
         group = s.n_heads // s.n_kv_heads
         for l, lay in enumerate(self.layers):
             a, base = lay.attn, g.writers_before_attn(l)
-            ev = self.edges(f"edge/{l}/v")
+            ev = self.edges(edge_key(l, "v"))
             share = a.bo / s.n_heads if a.bo is not None else torch.zeros(s.d_model, dtype=self.dtype)
             for h in range(s.n_heads):
                 kv = h // group
@@ -147,7 +148,7 @@ class _Plan:
         b_out = m.b_out if m.b_out is not None else torch.zeros(self.spec.d_model, dtype=self.dtype)
         pruned_value = (1 - lay.neuron_mask) * lay.neuron_mean  # (I,) hidden value of pruned neurons
         j = self.graph.writers_before_mlp(l)
-        xm = self.const_input(self.edges(f"edge/{l}/mlp")[:, 0])
+        xm = self.const_input(self.edges(edge_key(l, "mlp"))[:, 0])
         if xm is not None:  # constant input: the whole MLP is a constant
             x = self._norm("mlp", l, xm)
             hidden = x @ m.w_in + b_in
@@ -180,21 +181,21 @@ class _Plan:
         def mark(col: Tensor) -> None:
             read[: col.shape[0]] |= col > 0
 
-        mark(self.edges("edge/out")[:, 0])
+        mark(self.edges(EDGE_OUT)[:, 0])
         group = s.n_heads // s.n_kv_heads
         for l in reversed(range(s.n_layers)):
             j = g.writers_before_mlp(l)
             self.live[j] = self.const[j] is None and bool(read[j])
             if self.live[j]:
-                mark(self.edges(f"edge/{l}/mlp")[:, 0])
+                mark(self.edges(edge_key(l, "mlp"))[:, 0])
             base = g.writers_before_attn(l)
             heads = [h for h in range(s.n_heads) if self.const[base + h] is None and bool(read[base + h])]
             for h in heads:
                 self.live[base + h] = True
-                mark(self.edges(f"edge/{l}/q")[:, h])
+                mark(self.edges(edge_key(l, "q"))[:, h])
             for kv in sorted({h // group for h in heads}):
-                mark(self.edges(f"edge/{l}/k")[:, kv])
-                mark(self.edges(f"edge/{l}/v")[:, kv])
+                mark(self.edges(edge_key(l, "k"))[:, kv])
+                mark(self.edges(edge_key(l, "v"))[:, kv])
         self.live[0] = True  # the embedding is always kept: it holds the token lookup
 
 
@@ -253,7 +254,7 @@ def _build(view: ArchView, p: _Plan, dtype: torch.dtype) -> Compacted:
                 t[pre + "q_b"], t[pre + "k_b"], t[pre + "v_b"] = a.bq[hi], a.bk[ki], a.bv[ki]
                 t[pre + "o_b"] = a.bo / s.n_heads
             for site, cols in (("q", heads), ("k", kv_heads), ("v", kv_heads)):
-                spec["reads"][site], const = _reads(p, f"edge/{l}/{site}", cols)
+                spec["reads"][site], const = _reads(p, edge_key(l, site), cols)
                 if const.any():
                     spec["const"].append(site)
                     if len(const) > 1 and bool((const == const[:1]).all()):
@@ -275,7 +276,7 @@ def _build(view: ArchView, p: _Plan, dtype: torch.dtype) -> Compacted:
                 t[pre + "b_in"] = m.b_in[ni]
             if m.b_gate is not None:
                 t[pre + "b_gate"] = m.b_gate[ni]
-            reads, const = _reads(p, f"edge/{l}/mlp", [0])
+            reads, const = _reads(p, edge_key(l, "mlp"), [0])
             spec["reads"]["mlp"] = reads[0]
             if const.any():
                 spec["const"].append("mlp")
@@ -284,7 +285,7 @@ def _build(view: ArchView, p: _Plan, dtype: torch.dtype) -> Compacted:
         layers.append(spec)
         assert i == len(layers) - 1
 
-    out_reads, out_const = _reads(p, "edge/out", [0])
+    out_reads, out_const = _reads(p, EDGE_OUT, [0])
     norm("norm", hf["norm"])
     if out_const.any():
         t["out_const"] = out_const[0]

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .arch import ArchView, rotate_half
+from .graph import EDGE_OUT, edge_key, head_key, is_type, masked_weight_key, mean_key, neuron_key, weight_key
 
 Masks = Mapping[str, Tensor]
 
@@ -217,7 +218,7 @@ def _attn_bias(attention_mask: Tensor, dtype: torch.dtype) -> Tensor:
 def _read_qkv(stream: _Stream, masks: Masks, layer: int, n_heads: int, n_kv: int, norm: torch.nn.Module,
               secant: bool) -> tuple[Tensor, Tensor, Tensor]:
     """The normed q, k and v reader inputs of one layer, in a single stack read when all three are edge-masked."""
-    mq, mk, mv = (masks.get(f"edge/{layer}/{s}") for s in "qkv")
+    mq, mk, mv = (masks.get(edge_key(layer, s)) for s in "qkv")
     if mq is None or mk is None or mv is None:
         return tuple(stream.read_normed(m, norm, secant=secant) for m in (mq, mk, mv))
     x = stream.read_normed(torch.cat([mq, mk, mv], dim=1), norm, secant=secant)  # (H + 2 KV, B, T, D)
@@ -267,14 +268,14 @@ def masked_forward(
         position_ids = default_position_ids(attention_mask)
 
     def w(name: str) -> Tensor:
-        pre = masks.get("masked/" + name)
+        pre = masks.get(masked_weight_key(name))
         if pre is not None:
             return pre
         p = view.model.get_parameter(name)
-        m = masks.get("w/" + name)
+        m = masks.get(weight_key(name))
         return p if m is None else p * m
 
-    stream = _Stream(n_writers=view.graph.n_writers(), keep_chunks=any(k.startswith("edge/") for k in masks))
+    stream = _Stream(n_writers=view.graph.n_writers(), keep_chunks=any(is_type(k, "edge") for k in masks))
     x_in = view.embed(input_ids, position_ids)  # (B, T, D)
     stream.add(x_in.unsqueeze(0))
     bias = _attn_bias(attention_mask, x_in.dtype)  # (B, 1, T, T)
@@ -297,18 +298,18 @@ def masked_forward(
         if a.bo is not None:
             heads = heads + a.bo / h  # each head writes its share of the output bias
         if taps is not None:
-            taps[f"head/{layer}"] = heads
-        head_mask = masks.get(f"head/{layer}")
+            taps[head_key(layer)] = heads
+        head_mask = masks.get(head_key(layer))
         if head_mask is not None:
             hm = head_mask[:, None, None, None]  # (H, 1, 1, 1)
             heads = heads * hm
-            head_mean = masks.get(f"mean/head/{layer}")
+            head_mean = masks.get(mean_key(head_key(layer)))
             if head_mean is not None:  # mean ablation: a pruned head writes its mean output, a constant
                 heads = heads + (1 - hm) * head_mean[:, None, None, :]  # (H, B, T, D)
         stream.add(heads)
 
         m = view.mlp(layer, w)
-        xm = stream.read_normed(masks.get(f"edge/{layer}/mlp"), view.norm_module("mlp", layer),
+        xm = stream.read_normed(masks.get(edge_key(layer, "mlp")), view.norm_module("mlp", layer),
                                 secant=secant)  # (B, T, D) or (1, B, T, D)
         hidden = xm @ m.w_in + (m.b_in if m.b_in is not None else 0)  # (..., B, T, I)
         if m.w_gate is not None:
@@ -316,17 +317,17 @@ def masked_forward(
         else:
             hidden = view.act(hidden)
         if taps is not None:
-            taps[f"neuron/{layer}"] = hidden.reshape(bsz, t, -1)
-        neuron_mask = masks.get(f"neuron/{layer}")
+            taps[neuron_key(layer)] = hidden.reshape(bsz, t, -1)
+        neuron_mask = masks.get(neuron_key(layer))
         if neuron_mask is not None:
-            neuron_mean = masks.get(f"mean/neuron/{layer}")
+            neuron_mean = masks.get(mean_key(neuron_key(layer)))
             hidden = hidden * neuron_mask if neuron_mean is None else \
                 hidden * neuron_mask + (1 - neuron_mask) * neuron_mean  # (..., B, T, I)
         out = hidden @ m.w_out + (m.b_out if m.b_out is not None else 0)  # (..., B, T, D)
         stream.add(out.reshape(1, bsz, t, -1))
 
     # Normed at every position (cheap next to the head), which the secant's tap needs.
-    final = stream.read_normed(masks.get("edge/out"), view.norm_module("final", -1), secant=secant).reshape(bsz, t, -1)
+    final = stream.read_normed(masks.get(EDGE_OUT), view.norm_module("final", -1), secant=secant).reshape(bsz, t, -1)
     return view.head(final[:, -1:] if last_only else final)  # (B, T, V) or (B, 1, V)
 
 
@@ -335,9 +336,9 @@ def mask_shapes(view: ArchView, granularity: tuple[str, ...] | list[str]) -> dic
     spec, graph = view.spec, view.graph
     shapes: dict[str, tuple[int, ...]] = {}
     if "weight" in granularity:
-        shapes.update({"w/" + n: tuple(p.shape) for n, p in view.maskable().items()})
+        shapes.update({weight_key(n): tuple(p.shape) for n, p in view.maskable().items()})
     if "neuron" in granularity:
-        shapes.update({f"neuron/{l}": (spec.d_mlp,) for l in range(spec.n_layers)})
+        shapes.update({neuron_key(l): (spec.d_mlp,) for l in range(spec.n_layers)})
     if "head" in granularity:
         shapes.update(graph.head_shapes())
     if "edge" in granularity:
@@ -348,8 +349,8 @@ def mask_shapes(view: ArchView, granularity: tuple[str, ...] | list[str]) -> dic
 def mean_shapes(view: ArchView) -> dict[str, tuple[int, ...]]:
     """Every mean-ablation key, with its shape: what a pruned head or neuron writes instead of its output."""
     spec = view.spec
-    return {**{f"mean/head/{l}": (spec.n_heads, spec.d_model) for l in range(spec.n_layers)},
-            **{f"mean/neuron/{l}": (spec.d_mlp,) for l in range(spec.n_layers)}}
+    return {**{mean_key(head_key(l)): (spec.n_heads, spec.d_model) for l in range(spec.n_layers)},
+            **{mean_key(neuron_key(l)): (spec.d_mlp,) for l in range(spec.n_layers)}}
 
 
 def sheaf_shapes(view: ArchView, granularity: tuple[str, ...] | list[str]) -> dict[str, tuple[int, ...]]:

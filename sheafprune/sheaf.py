@@ -1,7 +1,7 @@
 """The Sheaf artifact: mask logits plus what they were learned for, saved as a folder and validated on load.
 
 Folder layout: `sheaf.json` (identity, densities, metrics, resolved config,
-versions), `masks.safetensors` (mask logits, keyed as in masked.py, and under `mean/` the values pruned units write
+versions), `masks.safetensors` (mask logits, keyed as in graph.py, and under `mean/` the values pruned units write
 under mean ablation), `metrics.jsonl` (training curve).
 The sheaf's deterministic masks keep a unit iff its logit > 0.
 """
@@ -21,20 +21,11 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from .errors import UserError
+from .graph import MASK_TYPES, is_mean_key, mask_type, mean_of
 from .io import atomic_dir, read_json, write_json
 
 FORMAT = "sheafprune.sheaf/1"
 TASK_FILE = "task.jsonl"  # a jsonl:PATH task's items, copied in: a folder never points at files outside itself
-MASK_TYPES = ("weight", "neuron", "head", "edge")
-_PREFIX = {"weight": "w/", "neuron": "neuron/", "head": "head/", "edge": "edge/"}
-MEAN_PREFIX = "mean/"  # mean/head/{l} (H, D), mean/neuron/{l} (I,): what a pruned unit writes (masked.py)
-
-
-def mask_type(key: str) -> str:
-    for t, prefix in _PREFIX.items():
-        if key.startswith(prefix):
-            return t
-    raise ValueError(f"not a mask key: {key!r}")
 
 
 def versions() -> dict[str, str]:
@@ -138,10 +129,10 @@ def load_sheaf(path: Path) -> Sheaf:
         logits = load_file(str(masks_file))
     except (SafetensorError, OSError, ValueError) as e:
         raise UserError(f"{masks_file} is truncated or corrupt ({e}); re-run discovery") from None
-    means = {k: logits.pop(k) for k in list(logits) if k.startswith(MEAN_PREFIX)}
+    means = {k: logits.pop(k) for k in list(logits) if is_mean_key(k)}
     for k, v in {**logits, **means}.items():
         try:
-            mask_type(k[len(MEAN_PREFIX):] if k.startswith(MEAN_PREFIX) else k)
+            mask_type(mean_of(k) if is_mean_key(k) else k)
         except ValueError:
             raise UserError(f"{masks_file} holds an unknown tensor {k!r}; it is not a sheafprune mask file") from None
         if not torch.isfinite(v).all():

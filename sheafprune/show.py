@@ -20,9 +20,9 @@ import numpy as np
 from torch import Tensor
 
 from .errors import UserError
-from .graph import Graph
+from .graph import EDGE_OUT, MASK_TYPES, Graph, edge_key, edge_site, head_key, is_type, key_layer, mask_type, neuron_key
 from .io import check_writable_parent
-from .sheaf import MASK_TYPES, Sheaf, load_sheaf, mask_type
+from .sheaf import Sheaf, load_sheaf
 
 _LAYER = re.compile(r"\.(?:h|layers)\.(\d+)\.")  # GPT-2 `transformer.h.{l}.`, Llama `model.layers.{l}.`
 _SITE_COLOR = {"q": "tab:blue", "k": "tab:green", "v": "tab:orange", "mlp": "tab:purple", "out": "tab:red"}
@@ -30,12 +30,12 @@ _SITE_COLOR = {"q": "tab:blue", "k": "tab:green", "v": "tab:orange", "mlp": "tab
 
 def layer_of(key: str) -> str:
     """The layer a mask entry belongs to, as a label: edges by their reader's layer, `out` for the final reader."""
-    if key == "edge/out":
+    if key == EDGE_OUT:
         return "out"
-    if key.startswith("w/"):
+    if is_type(key, "weight"):
         m = _LAYER.search(key)
         return m.group(1) if m else "other"
-    return key.split("/")[1]
+    return key_layer(key)
 
 
 def _kept(v: Tensor) -> np.ndarray:
@@ -64,11 +64,12 @@ def graph_of(logits: dict[str, Tensor]) -> tuple[Graph, bool]:
     (edge or head masks give it; a weight/neuron-only sheaf is drawn with one attention node per layer)."""
     layers = {int(layer_of(k)) for k in logits if layer_of(k).isdigit()}
     n_layers = max(layers) + 1 if layers else 0
-    if "edge/0/q" in logits:
-        n_heads = logits["edge/0/q"].shape[1]
-        graph, known = Graph(n_layers, n_heads, logits["edge/0/k"].shape[1] if "edge/0/k" in logits else n_heads), True
-    elif "head/0" in logits:
-        graph, known = Graph(n_layers, logits["head/0"].shape[0], logits["head/0"].shape[0]), True
+    q0, k0, h0 = edge_key(0, "q"), edge_key(0, "k"), head_key(0)
+    if q0 in logits:
+        n_heads = logits[q0].shape[1]
+        graph, known = Graph(n_layers, n_heads, logits[k0].shape[1] if k0 in logits else n_heads), True
+    elif h0 in logits:
+        graph, known = Graph(n_layers, logits[h0].shape[0], logits[h0].shape[0]), True
     else:
         graph, known = Graph(n_layers, 1, 1), False
     expected = {**graph.edge_shapes(), **graph.head_shapes()} if known else {}
@@ -112,10 +113,9 @@ class _Layout:
     def readers(self, key: str) -> tuple[np.ndarray, list[list[int]]]:
         """Positions of the readers (columns) of edge mask `key`, and the writers each reader belongs to."""
         g = self.graph
-        if key == "edge/out":
+        if key == EDGE_OUT:
             return np.array([[g.n_layers, self.mid]]), [[]]
-        _, layer_s, site = key.split("/")
-        layer = int(layer_s)
+        layer, site = int(key_layer(key)), edge_site(key)
         if site == "mlp":
             return self.pos[[self.mlp(layer)]], [[self.mlp(layer)]]
         if site == "q" or g.n_kv_heads == g.n_heads:
@@ -130,12 +130,12 @@ def _edges(logits: dict[str, Tensor], layout: _Layout) -> tuple[dict[str, np.nda
     segments: dict[str, list[np.ndarray]] = {}
     touched = np.zeros(len(layout.writers), dtype=bool)
     for key, v in logits.items():
-        if not key.startswith("edge/"):
+        if not is_type(key, "edge"):
             continue
         kept = _kept(v).reshape(v.shape[0], -1)
         rows, cols = np.nonzero(kept)
         reader_pos, reader_nodes = layout.readers(key)
-        segments.setdefault(key.split("/")[-1], []).append(np.stack([layout.pos[rows], reader_pos[cols]], axis=1))
+        segments.setdefault(edge_site(key), []).append(np.stack([layout.pos[rows], reader_pos[cols]], axis=1))
         touched[rows] = True
         for c in np.unique(cols):
             touched[reader_nodes[c]] = True
@@ -146,11 +146,11 @@ def _alive(logits: dict[str, Tensor], layout: _Layout, touched: np.ndarray, has_
     """Writers the sheaf keeps: not pruned by a head/neuron mask and, with edge masks, on some kept edge."""
     alive = touched.copy() if has_edges else np.ones(len(layout.writers), dtype=bool)
     for layer in range(layout.graph.n_layers):
-        if f"head/{layer}" in logits:
+        if head_key(layer) in logits:
             heads = [layout.head(layer, h) for h in range(layout.graph.n_heads)]
-            alive[heads] &= _kept(logits[f"head/{layer}"])
-        if f"neuron/{layer}" in logits:
-            alive[layout.mlp(layer)] &= bool(_kept(logits[f"neuron/{layer}"]).any())
+            alive[heads] &= _kept(logits[head_key(layer)])
+        if neuron_key(layer) in logits:
+            alive[layout.mlp(layer)] &= bool(_kept(logits[neuron_key(layer)]).any())
     return alive
 
 
@@ -206,7 +206,7 @@ def _draw(sheaf: Sheaf, summary: dict[str, Any], layout: _Layout, segments: dict
                edgecolors="none" if out_read else "grey", zorder=2)
     ax.set_xticks([-0.6, *range(g.n_layers), g.n_layers], ["in", *map(str, range(g.n_layers)), "out"])
     if g.n_kv_heads != g.n_heads:  # GQA: k/v edges end at their KV head, drawn left of the query heads it serves
-        kv = np.concatenate([layout.readers(f"edge/{layer}/k")[0] for layer in range(g.n_layers)])
+        kv = np.concatenate([layout.readers(edge_key(layer, "k"))[0] for layer in range(g.n_layers)])
         ax.scatter(kv[:, 0], kv[:, 1], s=18, marker=">", facecolors="none", edgecolors="grey", zorder=2)
     ax.set_yticks([layout.MLP_Y, *range(g.n_heads)],
                   ["MLP", *([f"h{h}" for h in range(g.n_heads)] if known else ["attn"])])
@@ -292,9 +292,9 @@ def draw_sheaf(sheaf: Union[Sheaf, str, os.PathLike], out: Path, *, overwrite: b
     graph, known = graph_of(sheaf.logits)
     layout = _Layout(graph)
     segments, touched = _edges(sheaf.logits, layout)
-    has_edges = any(k.startswith("edge/") for k in sheaf.logits)
+    has_edges = any(is_type(k, "edge") for k in sheaf.logits)
     alive = _alive(sheaf.logits, layout, touched, has_edges)
-    edge_logits = [v for k, v in sheaf.logits.items() if k.startswith("edge/")]
+    edge_logits = [v for k, v in sheaf.logits.items() if is_type(k, "edge")]
     summary: dict[str, Any] = {
         "model": sheaf.model_name, "task": sheaf.meta["task"],
         "n_layers": graph.n_layers, "n_heads": graph.n_heads if known else None,

@@ -23,7 +23,7 @@ from typing import Mapping, Optional
 import torch
 from torch import Tensor, nn
 
-from ..sheaf import mask_type
+from ..graph import mask_type
 from .gates import GATES, deterministic, logistic_noise
 
 

@@ -30,6 +30,7 @@ from torch import Tensor
 from ..arch import ArchView
 from ..config import DiscoverConfig
 from ..errors import RunFailed
+from ..graph import is_type, mask_type, mean_key, mean_of
 from ..masked import mask_shapes, masked_forward
 from ..tasks import Task, answer_weights, encode
 from .data import batch_indices
@@ -67,7 +68,7 @@ def _by_type(logits: dict[str, Tensor]) -> dict[str, tuple[list[str], Tensor]]:
     """Per unit type present: its keys and all its logits as one flat tensor."""
     out = {}
     for t in SEARCH_TYPES:
-        keys = [k for k in logits if k.startswith(t + "/")]
+        keys = [k for k in logits if is_type(k, t)]
         if keys:
             out[t] = keys, torch.cat([logits[k].detach().flatten() for k in keys])
     return out
@@ -108,12 +109,12 @@ def unit_means(view: ArchView, task: Task, tokenizer, *, device, batch_size: int
         real = batch.attention_mask.bool()  # (N, T)
         count += int(real.sum())
         for key, x in taps.items():
-            if key.startswith("head/"):
+            if is_type(key, "head"):
                 s = x[:, real].double().sum(1)  # (H, D)
             else:
                 s = x[real].double().sum(0)  # (I,)
             sums[key] = sums[key] + s if key in sums else s
-    return {f"mean/{k}": (v / max(count, 1)).float() for k, v in sums.items()}
+    return {mean_key(k): (v / max(count, 1)).float() for k, v in sums.items()}
 
 
 @dataclass
@@ -165,12 +166,12 @@ class KeepSearch:
         self.logits = {k: torch.full(s, INIT_LOGIT, device=self.device, requires_grad=True)
                        for k, s in mask_shapes(view, cfg.granularity).items()}
         self.multipliers = {t: 0.0 for t in SEARCH_TYPES}
-        self.n_units = {t: sum(v.numel() for k, v in self.logits.items() if k.startswith(t + "/")) for t in SEARCH_TYPES}
+        self.n_units = {t: sum(v.numel() for k, v in self.logits.items() if is_type(k, t)) for t in SEARCH_TYPES}
         self.unit_params = unit_params(view)
         self.optimizer = torch.optim.Adam(list(self.logits.values()), lr=cfg.lr)
         self.means = {k: v for k, v in unit_means(view, task, tokenizer, device=self.device,
                                                   batch_size=cfg.batch_size).items()
-                      if k.split("/")[1] in cfg.granularity} if cfg.ablation == "mean" else {}
+                      if mask_type(mean_of(k)) in cfg.granularity} if cfg.ablation == "mean" else {}
         self.train_items = task.items("train")
         # Skewed right answers (BLiMP anaphor: ' herself' in 519 of 800 items): every right answer is drawn equally
         # often within its candidate set, so a fixed answer preference gains nothing in training.
@@ -198,7 +199,7 @@ class KeepSearch:
 
     def judge(self, step: int, density: dict[str, float]) -> Judgement:
         masks = top_k_masks(self.logits, density)
-        density = {t: float(torch.cat([m.flatten() for k, m in masks.items() if k.startswith(t + "/")]).mean())
+        density = {t: float(torch.cat([m.flatten() for k, m in masks.items() if is_type(k, t)]).mean())
                    for t in density}
         (full_s, target), (sheaf_s, _) = self.judge_full, self._judge_scores(self.forward_masks(masks))
         w = None if self.judge_weights is None else torch.tensor(self.judge_weights)
@@ -222,8 +223,8 @@ class KeepSearch:
         soft = {k: soft_mask(v, temp) for k, v in self.logits.items()}
         batch, idx = self._batch(step)
         kl = kl_to_full(task_scores(self.view, batch, self.forward_masks(soft)), self.full_scores(idx))
-        dens = {t: torch.cat([soft[k] for k in soft if k.startswith(t + "/")]).mean()
-                for t in SEARCH_TYPES if any(k.startswith(t + "/") for k in soft)}
+        dens = {t: torch.cat([soft[k] for k in soft if is_type(k, t)]).mean()
+                for t in SEARCH_TYPES if any(is_type(k, t) for k in soft)}
         loss = kl + sum(self.multipliers[t] * d for t, d in dens.items())
         if not torch.isfinite(loss):
             raise RunFailed(f"the keep search's loss became {float(loss.detach())} at step {step} (try a lower --lr)")

@@ -41,7 +41,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from ..arch import ArchView
-from ..sheaf import mask_type
+from ..graph import mask_type, masked_weight_key, weight_key
 from .gates import logistic_noise
 from .masks import MaskLogits
 
@@ -199,8 +199,8 @@ class ShardedMaskLogits(MaskLogits):
         out = dict(masks or {})
         for name, n in self.weight_rows.items():
             w = self.view.model.get_parameter(name)
-            m = out.pop("w/" + name, None)
-            out["masked/" + name] = self.shards.gather(w if m is None else w * m, n)
+            m = out.pop(weight_key(name), None)
+            out[masked_weight_key(name)] = self.shards.gather(w if m is None else w * m, n)
         return out
 
     @torch.no_grad()

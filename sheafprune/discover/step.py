@@ -17,7 +17,7 @@ from torch import Tensor
 from ..arch import ArchView
 from ..config import DiscoverConfig
 from ..errors import RunFailed
-from ..sheaf import mask_type
+from ..graph import mask_type
 from .data import RankData
 from .masks import MaskLogits, deterministic_masks, rank_group
 from .objective import FAITH_LOSSES, FullScores, completeness, task_scores

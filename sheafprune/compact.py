@@ -28,15 +28,6 @@ from .errors import UserError
 from .graph import EDGE_OUT, edge_key, head_key, mean_key, neuron_key, weight_key
 from .masked import Masks
 
-# HF names of what the per-head view does not expose: embeddings, norms, unembedding.
-_HF = {
-    "gpt2": {"embed": "transformer.wte.weight", "pos": "transformer.wpe.weight", "attn_norm": "transformer.h.{}.ln_1",
-             "mlp_norm": "transformer.h.{}.ln_2", "norm": "transformer.ln_f", "head": "lm_head.weight"},
-    "llama": {"embed": "model.embed_tokens.weight", "pos": None, "attn_norm": "model.layers.{}.input_layernorm",
-              "mlp_norm": "model.layers.{}.post_attention_layernorm", "norm": "model.norm", "head": "lm_head.weight"},
-}
-
-
 @dataclass
 class Compacted:
     config: dict[str, Any]  # SheafConfig fields
@@ -220,7 +211,7 @@ def _reads(p: _Plan, key: str, cols: list[int]) -> tuple[list[list[str]], Tensor
 
 
 def _build(view: ArchView, p: _Plan, dtype: torch.dtype) -> Compacted:
-    s, g, hf = p.spec, p.graph, _HF[p.spec.family]
+    s, g, hf = p.spec, p.graph, view.hf_names
     params = dict(view.model.named_parameters())
     t: dict[str, Tensor] = {"embed.weight": params[hf["embed"]].detach().to(p.dtype)}
     if hf["pos"]:
@@ -313,7 +304,7 @@ def _build(view: ArchView, p: _Plan, dtype: torch.dtype) -> Compacted:
 def _rope(view: ArchView) -> dict[str, Any]:
     if view.spec.positional != "rope":
         return {}
-    rot = view.model.model.rotary_emb
+    rot = view.rotary()
     rope_type = getattr(rot, "rope_type", "default")
     if "dynamic" in rope_type or "longrope" in rope_type:
         raise UserError(f"rope type {rope_type!r} changes with sequence length; export supports static rope only")

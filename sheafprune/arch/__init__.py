@@ -1,4 +1,5 @@
-"""Architecture views by family name (`ARCHS`), and `view_of(model)` to pick one."""
+"""Architecture views by family name (`ARCHS`, the one registry of supported families: models/family.py and
+compact.py read it), and `view_of(model)` to pick one."""
 
 from __future__ import annotations
 

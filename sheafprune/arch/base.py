@@ -73,9 +73,20 @@ class MlpParams:
 
 
 class ArchView:
-    """Base of the per-family views; subclasses fill in the family-specific parts."""
+    """Base of the per-family views; subclasses fill in the family-specific parts.
+
+    A family is one subclass, registered in arch.ARCHS under its config.model_type; the class also names what the
+    per-head view does not expose (`hf_names`) and what identifies its weights' meaning (`fingerprint_fields`).
+    """
 
     spec: ArchSpec
+    # HF names of the embeddings, norms and unembedding ("{}" is the layer): what compaction copies as they are.
+    hf_names: dict[str, Optional[str]]
+    # The config fields that change what the weights compute (models.fingerprint hashes them). Bookkeeping (dtype,
+    # token ids, dropout, use_cache, transformers_version, _name_or_path) is left out so that a save/load round trip
+    # or a cosmetic config edit keeps the fingerprint; naming fields per family keeps it stable when a new
+    # transformers release adds an unrelated config key.
+    fingerprint_fields: tuple[str, ...]
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -110,6 +121,10 @@ class ArchView:
     def head(self, y: Tensor) -> Tensor:
         """(B, T, D) normed -> (B, T, V): the LM head."""
         return self.model.lm_head(y)
+
+    def rotary(self) -> Optional[nn.Module]:
+        """The HF rotary embedding module (with `inv_freq`, `attention_scaling`, `rope_type`) of rotary families."""
+        return None
 
     def rope(self, x: Tensor, position_ids: Tensor) -> Optional[tuple[Tensor, Tensor]]:
         """(cos, sin), each (B, T, hd), for rotary families; None otherwise."""

@@ -8,6 +8,13 @@ from .base import ArchSpec, ArchView, AttnParams, MlpParams, ParamFn
 
 
 class GPT2View(ArchView):
+    hf_names = {"embed": "transformer.wte.weight", "pos": "transformer.wpe.weight",
+                "attn_norm": "transformer.h.{}.ln_1", "mlp_norm": "transformer.h.{}.ln_2", "norm": "transformer.ln_f",
+                "head": "lm_head.weight"}
+    fingerprint_fields = ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "n_inner",
+                          "activation_function", "layer_norm_epsilon", "scale_attn_weights",
+                          "scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn", "tie_word_embeddings")
+
     def __init__(self, model: nn.Module):
         super().__init__(model)
         cfg = model.config

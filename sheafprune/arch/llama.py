@@ -11,6 +11,13 @@ from .base import ArchSpec, ArchView, AttnParams, MlpParams, ParamFn
 
 
 class LlamaView(ArchView):
+    hf_names = {"embed": "model.embed_tokens.weight", "pos": None, "attn_norm": "model.layers.{}.input_layernorm",
+                "mlp_norm": "model.layers.{}.post_attention_layernorm", "norm": "model.norm", "head": "lm_head.weight"}
+    fingerprint_fields = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                          "num_attention_heads", "num_key_value_heads", "head_dim", "hidden_act",
+                          "max_position_embeddings", "rms_norm_eps", "rope_parameters", "attention_bias",
+                          "mlp_bias", "tie_word_embeddings", "pretraining_tp")
+
     def __init__(self, model: nn.Module):
         super().__init__(model)
         cfg = model.config
@@ -71,5 +78,8 @@ class LlamaView(ArchView):
         block = self.model.model.layers[layer]
         return block.input_layernorm if site == "attn" else block.post_attention_layernorm
 
+    def rotary(self) -> nn.Module:
+        return self.model.model.rotary_emb
+
     def rope(self, x: Tensor, position_ids: Tensor) -> tuple[Tensor, Tensor]:
-        return self.model.model.rotary_emb(x, position_ids)  # each (B, T, hd)
+        return self.rotary()(x, position_ids)  # each (B, T, hd)

@@ -8,23 +8,10 @@ import json
 import torch
 from transformers import PreTrainedModel
 
+from sheafprune.arch import ARCHS
 from sheafprune.errors import UserError
 
-SUPPORTED_FAMILIES = ("gpt2", "llama")  # config.model_type values the masked forward understands
-
-# The config fields that change what the weights compute. Bookkeeping (dtype, token ids, dropout,
-# use_cache, transformers_version, _name_or_path) is left out so that a save/load round trip or a
-# cosmetic config edit keeps the fingerprint; naming fields per family keeps it stable when a new
-# transformers release adds an unrelated config key.
-_ARCH_FIELDS: dict[str, tuple[str, ...]] = {
-    "gpt2": ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "n_inner",
-             "activation_function", "layer_norm_epsilon", "scale_attn_weights",
-             "scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn", "tie_word_embeddings"),
-    "llama": ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-              "num_attention_heads", "num_key_value_heads", "head_dim", "hidden_act",
-              "max_position_embeddings", "rms_norm_eps", "rope_parameters", "attention_bias",
-              "mlp_bias", "tie_word_embeddings", "pretraining_tp"),
-}
+SUPPORTED_FAMILIES = tuple(ARCHS)  # config.model_type values the masked forward understands
 
 
 def check_family(model_type: str | None, *, source: str) -> str:
@@ -50,7 +37,7 @@ def fingerprint(model: PreTrainedModel) -> str:
     """
     family = model_family(model)
     config = model.config.to_dict()
-    arch = {key: config.get(key) for key in _ARCH_FIELDS[family]}
+    arch = {key: config.get(key) for key in ARCHS[family].fingerprint_fields}
     digest = hashlib.sha256()
     digest.update(json.dumps({"model_type": family, **arch}, sort_keys=True).encode())
     for name, param in sorted(model.named_parameters(), key=lambda item: item[0]):

@@ -24,7 +24,7 @@ from typing import Any, Mapping
 
 import yaml
 
-from sheafprune.tasks import Item, load_task
+from sheafprune.tasks import Item, is_task_spec, load_task
 from sheafprune.tasks import blimp
 
 PREFIX = "sheafprune_"
@@ -48,7 +48,7 @@ class LmTask:
 
 def is_ours(name: str) -> bool:
     """Whether `name` is a task this module generates (else it is left to lm-eval)."""
-    if name in ("ioi", "capitals") or name.startswith(("blimp/", "jsonl:")):
+    if is_task_spec(name):
         return True
     return name.startswith(BLIMP_BUILTIN) and name[len(BLIMP_BUILTIN):] in blimp.paradigms()
 

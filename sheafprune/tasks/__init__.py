@@ -12,7 +12,7 @@ from sheafprune.tasks.base import (
     make_splits,
     score,
 )
-from sheafprune.tasks.registry import TASKS, list_tasks, load_task
+from sheafprune.tasks.registry import TASKS, is_task_spec, list_tasks, load_task
 
 __all__ = [
     "SPLITS",
@@ -24,6 +24,7 @@ __all__ = [
     "drop_first_token_collisions",
     "encode",
     "hold_out",
+    "is_task_spec",
     "list_tasks",
     "load_task",
     "make_splits",

@@ -1,4 +1,5 @@
-"""Task names -> builders: one dict (`TASKS`) and the one verb that resolves a spec (`load_task`).
+"""Task names -> builders: one dict (`TASKS`, the one list of our tasks) and the one verb that resolves a spec
+(`load_task`).
 
 A spec is `name`, `name/arg` (BLiMP paradigms) or `jsonl:PATH`. Every builder has the signature
 `build(arg, *, seed, n, tokenizer) -> Task`; load_task then drops first-token collisions when a
@@ -9,7 +10,8 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Callable
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Optional
 
 from sheafprune.errors import UserError
 from sheafprune.tasks import blimp, facts, ioi, jsonl
@@ -17,17 +19,33 @@ from sheafprune.tasks.base import Task, drop_first_token_collisions
 
 Builder = Callable[..., Task]
 
-TASKS: dict[str, Builder] = {
-    "ioi": ioi.build,
-    "capitals": facts.build,
-    "blimp": blimp.build,
-    "jsonl": jsonl.build,
+
+@dataclass(frozen=True)
+class TaskEntry:
+    build: Builder
+    arg: Optional[str] = None  # what the spec adds to the name, separator first ("/<paradigm>"); None: no argument
+    names: Optional[Callable[[], list[str]]] = None  # every nameable spec, where the argument has a known set
+
+
+TASKS: dict[str, TaskEntry] = {
+    "ioi": TaskEntry(ioi.build),
+    "capitals": TaskEntry(facts.build),
+    "blimp": TaskEntry(blimp.build, "/<paradigm>", lambda: [f"blimp/{p}" for p in blimp.paradigms()]),
+    "jsonl": TaskEntry(jsonl.build, ":PATH"),
 }
 
 
 def list_tasks() -> list[str]:
     """Every nameable task: ioi, capitals, each blimp/<paradigm>, and the jsonl:PATH pattern."""
-    return ["ioi", "capitals", *(f"blimp/{p}" for p in blimp.paradigms()), "jsonl:PATH"]
+    return [spec for name, entry in TASKS.items()
+            for spec in (entry.names() if entry.names else [name + (entry.arg or "")])]
+
+
+def is_task_spec(spec: str) -> bool:
+    """Whether `spec` has the form of one of our tasks' specs: a plain name, or name, separator and an argument
+    (which only building the task checks)."""
+    return any(spec == name if entry.arg is None else spec.startswith(name + entry.arg[0])
+               for name, entry in TASKS.items())
 
 
 def parse_spec(spec: str) -> tuple[str, str | None]:
@@ -61,7 +79,7 @@ def load_task(spec: str, tokenizer: Any = None, *, seed: int = 0, n: int | None 
     name, arg = parse_spec(spec.strip())
     if name not in TASKS:
         raise _unknown(spec)
-    task = TASKS[name](arg, seed=seed, n=n, tokenizer=tokenizer)
+    task = TASKS[name].build(arg, seed=seed, n=n, tokenizer=tokenizer)
     if tokenizer is not None:
         task = drop_first_token_collisions(task, tokenizer)
     if not any(task.splits.values()):

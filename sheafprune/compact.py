@@ -236,43 +236,11 @@ def _build(view: ArchView, p: _Plan, dtype: torch.dtype) -> Compacted:
                                 "kv_of_q": [kv_heads.index(h // group) for h in heads],
                                 "n_neurons": len(lay.neurons) if mlp_live else 0, "reads": {}, "const": []}
         if heads:
-            a = lay.attn
             norm(pre + "attn_norm", hf["attn_norm"].format(l))
-            hi, ki = torch.tensor(heads), torch.tensor(kv_heads)
-            t[pre + "q_w"], t[pre + "k_w"], t[pre + "v_w"] = a.wq[hi], a.wk[ki], a.wv[ki]
-            t[pre + "o_w"] = a.wo[hi]
-            if a.bq is not None:
-                t[pre + "q_b"], t[pre + "k_b"], t[pre + "v_b"] = a.bq[hi], a.bk[ki], a.bv[ki]
-                t[pre + "o_b"] = a.bo / s.n_heads
-            for site, cols in (("q", heads), ("k", kv_heads), ("v", kv_heads)):
-                spec["reads"][site], const = _reads(p, edge_key(l, site), cols)
-                if const.any():
-                    spec["const"].append(site)
-                    if len(const) > 1 and bool((const == const[:1]).all()):
-                        # Every reader adds the same constant (no edge masks): one row, added to the shared input,
-                        # so the readers still read one input instead of one copy each.
-                        spec.setdefault("const_shared", []).append(site)
-                        const = const[:1]
-                    t[pre + f"{site}_const"] = const
+            _attn_tensors(p, l, lay.attn, heads, kv_heads, pre, t, spec)
         if mlp_live:
-            m, ni = lay.mlp, torch.tensor(lay.neurons)
             norm(pre + "mlp_norm", hf["mlp_norm"].format(l))
-            t[pre + "w_in"], t[pre + "w_out"] = m.w_in[:, ni], m.w_out[ni]
-            spec["b_out"] = m.b_out is not None or bool(lay.b_out.any())
-            if spec["b_out"]:
-                t[pre + "b_out"] = lay.b_out
-            if m.w_gate is not None:
-                t[pre + "w_gate"] = m.w_gate[:, ni]
-            if m.b_in is not None:
-                t[pre + "b_in"] = m.b_in[ni]
-            if m.b_gate is not None:
-                t[pre + "b_gate"] = m.b_gate[ni]
-            reads, const = _reads(p, edge_key(l, "mlp"), [0])
-            spec["reads"]["mlp"] = reads[0]
-            if const.any():
-                spec["const"].append("mlp")
-                t[pre + "mlp_const"] = const
-            spec["neurons"] = lay.neurons
+            _mlp_tensors(p, l, lay, pre, t, spec)
         layers.append(spec)
         assert i == len(layers) - 1
 
@@ -299,6 +267,49 @@ def _build(view: ArchView, p: _Plan, dtype: torch.dtype) -> Compacted:
             config[k] = getattr(view.model.config, k)
     t = {k: v.to(dtype).contiguous().clone() for k, v in t.items()}
     return Compacted(config, t, _stats(view, p, layers, t))
+
+
+def _attn_tensors(p: _Plan, l: int, a: AttnParams, heads: list[int], kv_heads: list[int], pre: str,
+                  t: dict[str, Tensor], spec: dict[str, Any]) -> None:
+    """The kept heads' attention tensors of layer `l` into `t`, what their readers read into `spec`."""
+    s = p.spec
+    hi, ki = torch.tensor(heads), torch.tensor(kv_heads)
+    t[pre + "q_w"], t[pre + "k_w"], t[pre + "v_w"] = a.wq[hi], a.wk[ki], a.wv[ki]
+    t[pre + "o_w"] = a.wo[hi]
+    if a.bq is not None:
+        t[pre + "q_b"], t[pre + "k_b"], t[pre + "v_b"] = a.bq[hi], a.bk[ki], a.bv[ki]
+        t[pre + "o_b"] = a.bo / s.n_heads
+    for site, cols in (("q", heads), ("k", kv_heads), ("v", kv_heads)):
+        spec["reads"][site], const = _reads(p, edge_key(l, site), cols)
+        if const.any():
+            spec["const"].append(site)
+            if len(const) > 1 and bool((const == const[:1]).all()):
+                # Every reader adds the same constant (no edge masks): one row, added to the shared input,
+                # so the readers still read one input instead of one copy each.
+                spec.setdefault("const_shared", []).append(site)
+                const = const[:1]
+            t[pre + f"{site}_const"] = const
+
+
+def _mlp_tensors(p: _Plan, l: int, lay: _Layer, pre: str, t: dict[str, Tensor], spec: dict[str, Any]) -> None:
+    """The kept neurons' MLP tensors of layer `l` into `t`, what the MLP reads into `spec`."""
+    m, ni = lay.mlp, torch.tensor(lay.neurons)
+    t[pre + "w_in"], t[pre + "w_out"] = m.w_in[:, ni], m.w_out[ni]
+    spec["b_out"] = m.b_out is not None or bool(lay.b_out.any())
+    if spec["b_out"]:
+        t[pre + "b_out"] = lay.b_out
+    if m.w_gate is not None:
+        t[pre + "w_gate"] = m.w_gate[:, ni]
+    if m.b_in is not None:
+        t[pre + "b_in"] = m.b_in[ni]
+    if m.b_gate is not None:
+        t[pre + "b_gate"] = m.b_gate[ni]
+    reads, const = _reads(p, edge_key(l, "mlp"), [0])
+    spec["reads"]["mlp"] = reads[0]
+    if const.any():
+        spec["const"].append("mlp")
+        t[pre + "mlp_const"] = const
+    spec["neurons"] = lay.neurons
 
 
 def _rope(view: ArchView) -> dict[str, Any]:

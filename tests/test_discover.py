@@ -1,5 +1,5 @@
-"""Discovery on tiny models: gate statistics, the density controller, reproducibility, resume, data
-parallelism and the command line."""
+"""Discovery on tiny models: batches, sheaf selection, the density controller, reproducibility, resume, data
+parallelism and the command line (the trained parameters' pieces alone: test_masks.py)."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from sheafprune.discover import data as data_module
 from sheafprune.discover import discover
 from sheafprune.discover import select as select_module
 from sheafprune.discover.data import RankData, batch_indices
-from sheafprune.discover.gates import GATES, logistic_noise
+from sheafprune.discover.gates import GATES
 from sheafprune.discover.loop import Trainer
 from sheafprune.discover.schedule import plan_stages
 from sheafprune.discover.select import dev_rank, sheaf_done
@@ -34,81 +34,6 @@ def cfg(**kw):
                 checkpoint_every=4, target_density="weight=0.3,edge=0.3")
     base.update(kw)
     return resolve_config(overrides=base)
-
-
-NOISY = [name for name, g in GATES.items() if g.noisy]
-
-
-@pytest.mark.parametrize("gate", NOISY)
-def test_gate_keep_probability_and_gradients(gate):
-    fn = GATES[gate]
-    logits = torch.tensor([-2.0, -0.5, 0.0, 0.7, 2.0]).repeat(20000, 1).requires_grad_(True)  # (n, 5)
-    noise = logistic_noise(logits.shape, generator=torch.Generator().manual_seed(0))
-    m = fn.sample(logits, noise, 1.0, 1.0)
-    kept = (m > 0).float().mean(0)
-    p = fn.p_keep(logits[0].detach())
-    err = (kept - p).abs().max().item()
-    # 20000 draws: the binomial standard error is <= 0.0036, so 0.015 is > 4 sigma
-    assert err < 0.015, f"{gate}: empirical P(keep) {kept.tolist()} vs expected {p.tolist()} (max err {err:.4f})"
-    m.sum().backward()
-    assert logits.grad.abs().sum(0).min() > 0, f"{gate}: some logits get no gradient: {logits.grad.abs().sum(0)}"
-
-
-@pytest.mark.parametrize("gate", NOISY)
-@pytest.mark.parametrize("scale", [0.5, 0.1])
-def test_noise_scale_sharpens_the_gate_toward_the_test_time_mask(gate, scale):
-    fn = GATES[gate]
-    logits = torch.tensor([-2.0, -0.3, 0.2, 0.7, 2.0]).repeat(20000, 1)
-    noise = logistic_noise(logits.shape, generator=torch.Generator().manual_seed(0)) * scale
-    kept = (fn.sample(logits, noise, 1.0, scale) > 0).float().mean(0)
-    p = fn.p_keep(logits[0], scale)
-    err = (kept - p).abs().max().item()
-    assert err < 0.015, f"{gate} s={scale}: empirical P(keep) {kept.tolist()} vs expected {p.tolist()} ({err:.4f})"
-    if gate == "concrete":  # far from 0 the sharpened gate is (almost) the deterministic mask logit > 0
-        ends = kept[[0, 4]].tolist()
-        assert ends[0] < 0.02 * (scale / 0.1) and ends[1] > 1 - 0.02 * (scale / 0.1), f"s={scale}: {ends}"
-
-
-def test_concrete_forward_is_hard():
-    logits = torch.randn(1000)
-    m = GATES["concrete"].sample(logits, logistic_noise(logits.shape, generator=torch.Generator().manual_seed(1)), 0.01,
-                                 1.0)
-    assert set(m.unique().tolist()) <= {0.0, 1.0}
-
-
-@pytest.mark.parametrize("scale", [1.0, 0.1])
-def test_sigmoid_gate_is_the_concrete_keep_probability_with_its_exact_gradient(scale):
-    """The noise-free gate's mask is the concrete gate's P(keep) at the same scale, and autograd's gradient matches
-    finite differences; MaskLogits draws no noise for it, so two calls give the same masks."""
-    fn = GATES["sigmoid"]
-    logits = torch.linspace(-3, 3, 13, dtype=torch.float64, requires_grad=True)
-    m = fn.sample(logits, None, 0.01, scale)
-    diff = (m - GATES["concrete"].p_keep(logits.detach(), scale)).abs().max().item()
-    assert diff < 1e-12, f"sigmoid mask vs concrete P(keep): max diff {diff:.2e}"
-    assert torch.autograd.gradcheck(lambda x: fn.sample(x, None, 0.01, scale), (logits,))
-    from sheafprune.discover.masks import MaskLogits
-
-    params = MaskLogits({"edge/0/q": (3, 4)}, targets={"edge": 0.5}, init_mean=0.5, init_std=1.0, seed=0)
-    draws = [params(trained=("edge",), gate="sigmoid", taus={"edge": 1.0}, noise_seed=s, noise_scale=scale)[0]
-             for s in (1, 2)]
-    assert torch.equal(draws[0]["edge/0/q"], draws[1]["edge/0/q"]), "the sigmoid gate's masks depend on the noise seed"
-
-
-def test_soft_mask_never_holds_subnormal_floats():
-    """At a low temperature sigmoid(logit / s) underflows to subnormals, which CPU arithmetic handles ~100x slower:
-    the soft mask is 0 there instead, and equal to the sigmoid (and its gradient) everywhere else."""
-    from sheafprune.discover.gates import SOFT_FLOOR, soft_mask
-
-    logits = torch.linspace(-4, 4, 801, requires_grad=True)
-    m = soft_mask(logits, 0.02)
-    tiny = torch.finfo(torch.float32).tiny  # the smallest normal float32
-    assert not ((m > 0) & (m < tiny)).any(), "a subnormal mask value"
-    plain = torch.sigmoid(logits.detach() / 0.02)
-    assert ((plain > 0) & (plain < tiny)).any(), "the test would prove nothing: no subnormal to remove"
-    above = plain >= SOFT_FLOOR
-    assert torch.equal(m.detach()[above], plain[above]) and (m.detach()[~above] == 0).all()
-    m.sum().backward()
-    assert not ((logits.grad.abs() > 0) & (logits.grad.abs() < tiny)).any(), "a subnormal gradient"
 
 
 def test_batches_are_a_function_of_seed_and_step():
@@ -248,90 +173,6 @@ def test_controller_reaches_target_density():
     assert {"loss", "faith", "complete", "kept", "expected"} <= set(rows[-1])
 
 
-def test_attribution_init_ranks_logits_by_score():
-    from sheafprune.discover.masks import MaskLogits
-
-    shapes = {"w/a": (50, 40), "w/b": (30,), "edge/0/q": (3, 4)}
-    params = MaskLogits(shapes, targets={}, init_mean=1.0, init_std=0.01, seed=0)
-    g = torch.Generator().manual_seed(1)
-    scores = {k: torch.rand(s, generator=g) * (10.0 if k == "w/b" else 1.0) for k, s in shapes.items()}
-    params.init_from_scores(scores, center=1.0, spread=2.0, seed=0)
-    logits = params.named_logits()
-    s = torch.cat([scores["w/a"].flatten(), scores["w/b"]])
-    l = torch.cat([logits["w/a"].detach().flatten(), logits["w/b"].detach()])
-    order = s.argsort()
-    worst = (l[order][:-1] - l[order][1:]).max().item()  # rank order, up to the 1e-3 tie-breaking jitter
-    assert worst < 5e-3, f"logits not increasing with the score (worst inversion {worst:.3g})"
-    assert -1.01 < l.min() and l.max() < 3.01, (l.min(), l.max())  # center +- spread
-    assert (logits["w/b"] > 2.0).float().mean() > 0.6, "a tensor with 10x the scores should get most top ranks"
-    e = logits["edge/0/q"].detach().flatten()  # ranked within its own type: spans the whole range alone
-    assert e.max() > 2.5 and e.min() < -0.5, e
-
-
-def test_rank_within_tensor_ranks_and_normalizes_each_tensor_on_its_own():
-    """With scores 1000x smaller in one matrix, ranking over the type puts all of it at the bottom; ranking within
-    each tensor spreads both over the whole range. nsgd's RMS is then taken per tensor too."""
-    from sheafprune.discover.masks import MaskLogits
-    from sheafprune.discover.step import normalize_grads
-
-    shapes = {"w/q": (30, 20), "w/v": (30, 20)}
-    g = torch.Generator().manual_seed(0)
-    scores = {"w/q": torch.rand(shapes["w/q"], generator=g) * 1e-3, "w/v": torch.rand(shapes["w/v"], generator=g)}
-    spans = {}
-    for within in ("type", "tensor"):
-        params = MaskLogits(shapes, targets={}, init_mean=1.0, init_std=0.0, seed=0)
-        params.init_from_scores(scores, center=1.0, spread=1.0, seed=0, within=within)
-        spans[within] = {k: (round(float(v.min()), 2), round(float(v.mean()), 2), round(float(v.max()), 2))
-                         for k, v in params.named_logits().items()}
-    assert spans["type"]["w/q"][2] < 1.0 < spans["type"]["w/v"][1], spans  # q below v's median: removed first
-    assert all(lo < 0.05 and abs(mean - 1) < 0.05 and hi > 1.95 for lo, mean, hi in spans["tensor"].values()), spans
-    logits = {k: torch.zeros(s, requires_grad=True) for k, s in shapes.items()}
-    for k, p in logits.items():
-        p.grad = scores[k].clone()
-    normalize_grads(logits, within="tensor")
-    rms = {k: float(p.grad.square().mean().sqrt()) for k, p in logits.items()}
-    assert all(abs(r - 1.0) < 1e-6 for r in rms.values()), rms
-
-
-def test_projection_holds_the_target_exactly():
-    from sheafprune.discover.masks import MaskLogits
-
-    shapes = {"w/a": (40, 25), "w/b": (77,), "edge/0/q": (5, 4), "edge/out": (9,)}
-    params = MaskLogits(shapes, targets={}, init_mean=0.5, init_std=1.0, seed=0)
-    before = {k: v.detach().clone() for k, v in params.named_logits().items()}
-    shifts = params.project({"weight": 0.1, "edge": 0.9})
-    kept = params.kept(("weight", "edge"))
-    assert kept["weight"] == int(0.1 * 1077) / 1077, kept
-    assert "edge" not in shifts and all(torch.equal(before[k], params.named_logits()[k]) for k in ("edge/0/q", "edge/out"))
-    d = {k: (before[k] - params.named_logits()[k]).detach() for k in ("w/a", "w/b")}
-    assert all(torch.allclose(x, x.flatten()[0].expand_as(x)) for x in d.values()), "the shift is not uniform"
-
-
-def test_exact_projection_raises_a_type_kept_below_its_target_and_sampling_lands_close():
-    from sheafprune.discover.masks import MaskLogits
-
-    shapes = {"w/a": (300, 200), "w/b": (777,), "edge/0/q": (5, 4)}
-    params = MaskLogits(shapes, targets={}, init_mean=-2.0, init_std=1.0, seed=0)  # ~2% kept
-    shifts = params.project({"weight": 0.25, "edge": 0.5}, exact=True)
-    kept = params.kept(("weight", "edge"))
-    assert shifts["weight"] < 0 and kept == {"weight": int(0.25 * 60777) / 60777, "edge": 0.5}, (shifts, kept)
-    params.project({"weight": 0.05}, exact=True, sample=5000, seed=3)  # threshold from 5000 of 60777 entries
-    d = params.kept(("weight",))["weight"]
-    assert abs(d - 0.05) < 0.01, f"sampled projection kept {d:.4f}, target 0.05"
-
-
-def test_ramp_shapes():
-    from sheafprune.discover.schedule import ramp
-
-    lin = [ramp(s, start=1.0, end=0.1, steps=10) for s in range(12)]
-    cub = [ramp(s, start=1.0, end=0.1, steps=10, shape="cubic") for s in range(12)]
-    for r in (lin, cub):
-        assert r[0] == 1.0 and r[10] == r[11] == pytest.approx(0.1)
-        assert all(a > b for a, b in zip(r[:10], r[1:11])), r
-    assert lin[5] == pytest.approx(0.55) and cub[5] == pytest.approx(0.1 + 0.9 / 8)
-    assert all(c < l for c, l in zip(cub[1:10], lin[1:10])), "cubic must run below linear inside the ramp"
-
-
 def test_project_control_follows_the_ramp_at_every_step():
     sheaf = discover(cfg(steps=20, target_density="weight=0.2,edge=0.3", early_stop=False, control="project",
                          ramp="cubic", warmup=0.5), progress=False)
@@ -341,23 +182,6 @@ def test_project_control_follows_the_ramp_at_every_step():
             # have fewer entries than the sample, so it is exact)
             assert row["kept"][t] == pytest.approx(target, abs=0.01), (row["step"], row["kept"], row["target"])
     assert sheaf.density() == pytest.approx({"weight": 0.2, "edge": 0.3}, abs=0.01)
-
-
-def test_nsgd_normalizes_gradients_by_the_rms_of_their_mask_type():
-    from sheafprune.discover.step import normalize_grads
-
-    g = torch.Generator().manual_seed(0)
-    logits = {k: torch.zeros(s, requires_grad=True) for k, s in {"w/a": (30, 20), "w/b": (50,), "edge/0/q": (4, 3)}.items()}
-    scale = {"w/a": 1.0, "w/b": 100.0, "edge/0/q": 1e-4}
-    for k, p in logits.items():
-        p.grad = torch.randn(p.shape, generator=g) * scale[k]
-    before = {k: p.grad.clone() for k, p in logits.items()}
-    normalize_grads(logits)
-    w = torch.cat([logits["w/a"].grad.flatten(), logits["w/b"].grad])
-    assert w.square().mean().sqrt().item() == pytest.approx(1.0, rel=1e-6)
-    assert logits["edge/0/q"].grad.square().mean().sqrt().item() == pytest.approx(1.0, rel=1e-6)
-    ratio = (logits["w/b"].grad / before["w/b"]).unique()  # one factor per type: magnitudes keep their ratios
-    assert torch.allclose(ratio, ratio[0]) and torch.allclose(logits["w/a"].grad / before["w/a"], ratio[0].expand(30, 20))
 
 
 def test_lr_decays_after_the_ramp_to_lr_final():

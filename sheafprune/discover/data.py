@@ -41,7 +41,8 @@ class RankData:
 
     def __init__(self, *, cfg: DiscoverConfig, view: ArchView, tokenizer, task: Task, params: MaskLogits,
                  accelerator):
-        self.cfg, self.view, self.tok, self.task, self.params, self.acc = cfg, view, tokenizer, task, params, accelerator
+        self.cfg, self.view, self.tok, self.task = cfg, view, tokenizer, task
+        self.params, self.acc = params, accelerator
         self.device = accelerator.device
         # Answer-balanced weights of each split (None where no candidate set has a skewed answer): the training
         # sampler uses them with cfg.balance_answers; dev and test metrics always report the balanced accuracy.

@@ -40,7 +40,8 @@ class Trainer:
         counts from there."""
         self.started = time.perf_counter() if started is None else started
         self.setup_seconds = 0.0  # this process's time before its first step (set by run)
-        self.cfg, self.view, self.task, self.params, self.acc, self.work_dir = cfg, view, task, params, accelerator, work_dir
+        self.cfg, self.view, self.task, self.params = cfg, view, task, params
+        self.acc, self.work_dir = accelerator, work_dir
         self.progress = progress and accelerator.is_main_process
         self.stages = plan_stages(cfg)
         self.total_steps = sum(s.steps for s in self.stages)
@@ -103,8 +104,8 @@ class Trainer:
         self.step_times.append(step_seconds)
         # Stop now if one more step and the closing evaluations would overrun the budget (spent = setup + earlier
         # steps + this one).
-        out_of_time = self.cfg.max_minutes is not None and self._anyone(
-            self.setup_seconds + self.elapsed + 2 * step_seconds + self.select.closing_seconds() > 60 * self.cfg.max_minutes)
+        spent = self.setup_seconds + self.elapsed + 2 * step_seconds + self.select.closing_seconds()
+        out_of_time = self.cfg.max_minutes is not None and self._anyone(spent > 60 * self.cfg.max_minutes)
         stop = out_of_time
         if self.select.evaluate_now(row, stage, local + 1, self.step) or self.step == self.total_steps or out_of_time:
             stop = self.select.eval_and_track(row, stage, local + 1) or out_of_time

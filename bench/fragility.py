@@ -42,7 +42,7 @@ def _iterative_edge_pruning(view, tok, task, shapes: dict, judge) -> list[dict]:
     """Edges only: ITERATIVE_ROUNDS rounds, each rescoring the kept edges at the current masks (2 training batches of
     16) and removing the lowest-scored ones down to 0.05^(round/30) kept; scored by |dCE/dmask| (autograd) or by
     |the secant| (edge_grad "secant": the removal taken exactly through the reader's norm)."""
-    from sheafprune.discover.objective import faithfulness, task_scores
+    from sheafprune.discovery.objective import faithfulness, task_scores
     from sheafprune.graph import mask_type
     from sheafprune.tasks import encode
 
@@ -73,7 +73,7 @@ def measure(model_name: str, task_name: str) -> dict:
     from sheafprune.arch import view_of
     from sheafprune.masked import mask_shapes
     from sheafprune.models import load_model
-    from sheafprune.discover.objective import accuracy, faithfulness, split_scores, task_scores
+    from sheafprune.discovery.objective import accuracy, faithfulness, split_scores, task_scores
     from sheafprune.graph import mask_type, weight_name
     from sheafprune.tasks import encode, load_task
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from sheafprune.arch import view_of
 from sheafprune.models import load_model
-from sheafprune.discover.objective import accuracy, split_scores
+from sheafprune.discovery.objective import accuracy, split_scores
 from sheafprune.tasks import load_task
 
 RESULTS = Path(__file__).parent / "results"

@@ -48,7 +48,7 @@ def _one(model_name: str, mode: str, batch: int, reps: int) -> dict:
             logits = model(input_ids=b.input_ids, attention_mask=b.attention_mask, position_ids=b.position_ids).logits
             torch.nn.functional.cross_entropy(logits[:, -1], b.cand_ids[:, 0]).backward()
     elif mode == "keep":
-        from sheafprune.discover.search import KeepSearch
+        from sheafprune.discovery.search import KeepSearch
 
         cfg = resolve_config(overrides={"model": model_name, "batch_size": batch})
         search = KeepSearch(cfg=cfg, view=view_of(model), tokenizer=tok, task=task, accelerator=acc,
@@ -59,8 +59,8 @@ def _one(model_name: str, mode: str, batch: int, reps: int) -> dict:
             search.step(next(count))
     else:
         from sheafprune.masked import mask_shapes
-        from sheafprune.discover.shard import mask_logits_for
-        from sheafprune.discover.loop import Trainer
+        from sheafprune.discovery.shard import mask_logits_for
+        from sheafprune.discovery.loop import Trainer
 
         cfg = resolve_config(overrides={"model": model_name, "batch_size": batch, "steps": 100,
                                         "target_density": "weight=0.05,edge=0.05"})

@@ -47,7 +47,7 @@ def config_from_args(args: argparse.Namespace) -> DiscoverConfig:
 def _run(args: argparse.Namespace) -> int:
     from accelerate import PartialState
 
-    from sheafprune.discover import discover
+    from sheafprune.discovery import discover
 
     cfg = config_from_args(args)
     sheaf = discover(cfg, out=args.out, resume=args.resume, overwrite=args.overwrite)

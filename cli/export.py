@@ -35,7 +35,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.sheaf_dir is not None:
         sheaf = load_sheaf(args.sheaf_dir)
     else:
-        from sheafprune.discover import discover
+        from sheafprune.discovery import discover
 
         cfg = config_from_args(args)
         print(f"discovering a sheaf of {cfg.model} for {cfg.task} ...", flush=True)

@@ -17,9 +17,9 @@ __all__ = ["discover", "export", "load", "load_sheaf", "evaluate", "resolve_conf
 
 # Thin wrappers import lazily: `import sheafprune` stays cheap, and the modules keep their own names.
 def discover(cfg: Any = None, **kwargs: Any):
-    """Learn a sheaf. `cfg` is a DiscoverConfig (see resolve_config); keyword arguments as in discover.verb.discover."""
+    """Learn a sheaf. `cfg` is a DiscoverConfig (see resolve_config); keyword arguments as in discovery.verb.discover."""
     from .config import DiscoverConfig
-    from .discover import discover as _discover
+    from .discovery import discover as _discover
 
     return _discover(cfg if cfg is not None else DiscoverConfig(), **kwargs)
 

@@ -231,7 +231,7 @@ def make_lm(target: Target, *, batch_size: int, loaded: Optional[tuple[Any, Any]
 def sheaf_report(sheaf: Sheaf, *, task: str, loaded: tuple[Any, Any], limit: Optional[int], batch_size: int,
                  progress: bool = True) -> dict:
     """Full / sheaf / complement accuracy, KL(sheaf || full) and accuracy kept, on `task`'s test split."""
-    from .discover.objective import sheaf_metrics
+    from .discovery.objective import sheaf_metrics
 
     model, tokenizer = loaded
     seed, n = _split_params(sheaf.task, sheaf.meta).get(task, (0, None))

@@ -18,7 +18,7 @@ Every mask key is built and read by the functions below (the only place the key 
     head/{l}             (n_heads,)
     edge/{l}/{site}      as above
     mean/<head or neuron key>  under mean ablation, what a pruned unit writes: (n_heads, D) or (d_mlp,)
-    masked/<HF weight name>    a whole masked weight, assembled from row shards (discover/shard.py)
+    masked/<HF weight name>    a whole masked weight, assembled from row shards (discovery/shard.py)
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ Masks are a flat mapping `key -> tensor` (absent key = all ones):
     mean/head/{l}       (n_heads, D) what a pruned head writes instead of its output (mean ablation; absent = 0)
     mean/neuron/{l}     (d_mlp,)     what a pruned neuron's hidden value becomes (mean ablation; absent = 0)
     masked/<hf name>    the already masked weight itself, read instead of the parameter and its w/ mask
-                        (sharded training gathers it from the ranks' row shards, see discover/shard.py)
+                        (sharded training gathers it from the ranks' row shards, see discovery/shard.py)
 
 With edge masks, each reader reads its own masked sum of earlier writers. The writers' outputs are kept as a
 row stack: memory for the stack is n_writers * B * T * D floats (SmolLM2, 301 writers, B=64, T=12: 0.5 GB fp32), kept once in one

@@ -6,8 +6,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from sheafprune.discover.masks import MaskLogits
-from sheafprune.discover.shard import RowShards, ShardedMaskLogits
+from sheafprune.discovery.masks import MaskLogits
+from sheafprune.discovery.shard import RowShards, ShardedMaskLogits
 
 SHAPES = {"w/a": (7, 5), "w/b": (3,), "w/c": (1, 4), "edge/0/q": (5, 4), "edge/out": (9,)}
 KW = dict(targets={"weight": 0.2, "edge": 0.5}, init_mean=0.5, init_std=1.0, seed=0)

@@ -16,14 +16,14 @@ import torch
 from safetensors.torch import load_file
 
 from sheafprune.config import resolve_config
-from sheafprune.discover import data as data_module
-from sheafprune.discover import discover
-from sheafprune.discover import select as select_module
-from sheafprune.discover.data import RankData, batch_indices
-from sheafprune.discover.gates import GATES
-from sheafprune.discover.loop import Trainer
-from sheafprune.discover.schedule import plan_stages
-from sheafprune.discover.select import dev_rank, sheaf_done
+from sheafprune.discovery import data as data_module
+from sheafprune.discovery import discover
+from sheafprune.discovery import select as select_module
+from sheafprune.discovery.data import RankData, batch_indices
+from sheafprune.discovery.gates import GATES
+from sheafprune.discovery.loop import Trainer
+from sheafprune.discovery.schedule import plan_stages
+from sheafprune.discovery.select import dev_rank, sheaf_done
 from sheafprune.sheaf import load_sheaf
 
 BIN = Path(sys.executable).parent
@@ -241,7 +241,7 @@ def test_sigmoid_gate_trains_reproducibly_to_the_target():
 
 
 def test_margin_loss_is_the_logit_difference_and_does_not_saturate():
-    from sheafprune.discover.objective import faithfulness, margin_loss
+    from sheafprune.discovery.objective import faithfulness, margin_loss
 
     two = torch.tensor([[3.0, 1.0], [0.0, 2.5]])
     target = torch.tensor([0, 1])
@@ -272,7 +272,7 @@ def test_margin_faith_loss_trains_to_the_target_and_bad_names_are_user_errors():
 def test_kl_faithfulness_is_zero_at_the_full_model_and_trains_to_the_target(monkeypatch):
     """KL from the full model's cached scores: 0 (to float rounding) with all masks 1, and a run meets its targets;
     the full model scores each training item once however many steps see it."""
-    from sheafprune.discover import objective
+    from sheafprune.discovery import objective
     from sheafprune.arch import view_of
     from sheafprune.models import load_model
     from sheafprune.tasks import encode, load_task
@@ -300,7 +300,7 @@ def test_kl_faithfulness_is_zero_at_the_full_model_and_trains_to_the_target(monk
 def test_config_names_the_gates_and_losses_the_code_has():
     """config.py lists the names without importing torch; they must be the implementations' keys."""
     from sheafprune import config
-    from sheafprune.discover.objective import FAITH_LOSSES
+    from sheafprune.discovery.objective import FAITH_LOSSES
 
     assert set(config.GATES) == set(GATES) and set(config.FAITH_LOSSES) == set(FAITH_LOSSES)
 

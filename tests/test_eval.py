@@ -148,7 +148,7 @@ def test_smollm2_blimp_matches_stock_lm_eval():
 
 
 def test_sheaf_metrics_add_the_answer_balanced_accuracy_where_answers_are_skewed(tmp_path):
-    from sheafprune.discover.objective import sheaf_metrics, split_scores
+    from sheafprune.discovery.objective import sheaf_metrics, split_scores
     from sheafprune.tasks import answer_weights, load_task
 
     # Two-way items whose right answer is " yes" 3 times in 4.

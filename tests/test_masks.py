@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sheafprune.discover.gates import GATES, logistic_noise
+from sheafprune.discovery.gates import GATES, logistic_noise
 
 NOISY = [name for name, g in GATES.items() if g.noisy]
 
@@ -58,7 +58,7 @@ def test_sigmoid_gate_is_the_concrete_keep_probability_with_its_exact_gradient(s
     diff = (m - GATES["concrete"].p_keep(logits.detach(), scale)).abs().max().item()
     assert diff < 1e-12, f"sigmoid mask vs concrete P(keep): max diff {diff:.2e}"
     assert torch.autograd.gradcheck(lambda x: fn.sample(x, None, 0.01, scale), (logits,))
-    from sheafprune.discover.masks import MaskLogits
+    from sheafprune.discovery.masks import MaskLogits
 
     params = MaskLogits({"edge/0/q": (3, 4)}, targets={"edge": 0.5}, init_mean=0.5, init_std=1.0, seed=0)
     draws = [params(trained=("edge",), gate="sigmoid", taus={"edge": 1.0}, noise_seed=s, noise_scale=scale)[0]
@@ -69,7 +69,7 @@ def test_sigmoid_gate_is_the_concrete_keep_probability_with_its_exact_gradient(s
 def test_soft_mask_never_holds_subnormal_floats():
     """At a low temperature sigmoid(logit / s) underflows to subnormals, which CPU arithmetic handles ~100x slower:
     the soft mask is 0 there instead, and equal to the sigmoid (and its gradient) everywhere else."""
-    from sheafprune.discover.gates import SOFT_FLOOR, soft_mask
+    from sheafprune.discovery.gates import SOFT_FLOOR, soft_mask
 
     logits = torch.linspace(-4, 4, 801, requires_grad=True)
     m = soft_mask(logits, 0.02)
@@ -84,7 +84,7 @@ def test_soft_mask_never_holds_subnormal_floats():
 
 
 def test_attribution_init_ranks_logits_by_score():
-    from sheafprune.discover.masks import MaskLogits
+    from sheafprune.discovery.masks import MaskLogits
 
     shapes = {"w/a": (50, 40), "w/b": (30,), "edge/0/q": (3, 4)}
     params = MaskLogits(shapes, targets={}, init_mean=1.0, init_std=0.01, seed=0)
@@ -106,8 +106,8 @@ def test_attribution_init_ranks_logits_by_score():
 def test_rank_within_tensor_ranks_and_normalizes_each_tensor_on_its_own():
     """With scores 1000x smaller in one matrix, ranking over the type puts all of it at the bottom; ranking within
     each tensor spreads both over the whole range. nsgd's RMS is then taken per tensor too."""
-    from sheafprune.discover.masks import MaskLogits
-    from sheafprune.discover.step import normalize_grads
+    from sheafprune.discovery.masks import MaskLogits
+    from sheafprune.discovery.step import normalize_grads
 
     shapes = {"w/q": (30, 20), "w/v": (30, 20)}
     g = torch.Generator().manual_seed(0)
@@ -129,7 +129,7 @@ def test_rank_within_tensor_ranks_and_normalizes_each_tensor_on_its_own():
 
 
 def test_projection_holds_the_target_exactly():
-    from sheafprune.discover.masks import MaskLogits
+    from sheafprune.discovery.masks import MaskLogits
 
     shapes = {"w/a": (40, 25), "w/b": (77,), "edge/0/q": (5, 4), "edge/out": (9,)}
     params = MaskLogits(shapes, targets={}, init_mean=0.5, init_std=1.0, seed=0)
@@ -143,7 +143,7 @@ def test_projection_holds_the_target_exactly():
 
 
 def test_exact_projection_raises_a_type_kept_below_its_target_and_sampling_lands_close():
-    from sheafprune.discover.masks import MaskLogits
+    from sheafprune.discovery.masks import MaskLogits
 
     shapes = {"w/a": (300, 200), "w/b": (777,), "edge/0/q": (5, 4)}
     params = MaskLogits(shapes, targets={}, init_mean=-2.0, init_std=1.0, seed=0)  # ~2% kept
@@ -156,7 +156,7 @@ def test_exact_projection_raises_a_type_kept_below_its_target_and_sampling_lands
 
 
 def test_ramp_shapes():
-    from sheafprune.discover.schedule import ramp
+    from sheafprune.discovery.schedule import ramp
 
     lin = [ramp(s, start=1.0, end=0.1, steps=10) for s in range(12)]
     cub = [ramp(s, start=1.0, end=0.1, steps=10, shape="cubic") for s in range(12)]
@@ -168,7 +168,7 @@ def test_ramp_shapes():
 
 
 def test_nsgd_normalizes_gradients_by_the_rms_of_their_mask_type():
-    from sheafprune.discover.step import normalize_grads
+    from sheafprune.discovery.step import normalize_grads
 
     g = torch.Generator().manual_seed(0)
     logits = {k: torch.zeros(s, requires_grad=True) for k, s in {"w/a": (30, 20), "w/b": (50,), "edge/0/q": (4, 3)}.items()}

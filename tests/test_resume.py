@@ -19,15 +19,15 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-import sheafprune.discover.attribution as attribution
-import sheafprune.discover.objective as objective
-import sheafprune.discover.state as ckpt
-import sheafprune.discover.step as step_module
+import sheafprune.discovery.attribution as attribution
+import sheafprune.discovery.objective as objective
+import sheafprune.discovery.state as ckpt
+import sheafprune.discovery.step as step_module
 from sheafprune.cli.main import main
 from sheafprune.config import resolve_config
-from sheafprune.discover import discover, work_dir_for
-from sheafprune.discover.data import RankData
-from sheafprune.discover.masks import MaskLogits
+from sheafprune.discovery import discover, work_dir_for
+from sheafprune.discovery.data import RankData
+from sheafprune.discovery.masks import MaskLogits
 from sheafprune.errors import UserError
 
 SHEAFPRUNE = Path(sys.executable).with_name("sheafprune")

@@ -13,9 +13,9 @@ from sheafprune.arch import view_of
 from sheafprune.cli.main import main
 from sheafprune.compact import compact
 from sheafprune.config import resolve_config
-from sheafprune.discover import discover
-from sheafprune.discover.objective import accuracy, floor_verdict, split_scores
-from sheafprune.discover.search import FLOOR, ramp_target, search_select_items, temperature, top_k_masks
+from sheafprune.discovery import discover
+from sheafprune.discovery.objective import accuracy, floor_verdict, split_scores
+from sheafprune.discovery.search import FLOOR, ramp_target, search_select_items, temperature, top_k_masks
 from sheafprune.masked import mean_shapes, masked_forward
 from sheafprune.models import load_model, tiny_model
 from sheafprune.sheaf import load_sheaf, save_sheaf

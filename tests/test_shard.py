@@ -1,4 +1,4 @@
-"""Sharded training (`--shard-masks`, discover/shard.py): the row rule and the exact distributed threshold in one process,
+"""Sharded training (`--shard-masks`, discovery/shard.py): the row rule and the exact distributed threshold in one process,
 every ShardedMaskLogits piece against MaskLogits in two gloo processes, and whole runs: sharded over two processes
 = one process, with each rank holding half of the weight-mask state; an interrupted sharded run resumes, sharded or
 not, to the uninterrupted result."""
@@ -16,8 +16,8 @@ import torch
 from safetensors.torch import load_file
 
 from sheafprune.config import resolve_config
-from sheafprune.discover import discover
-from sheafprune.discover.shard import kth_smallest, shard_rows
+from sheafprune.discovery import discover
+from sheafprune.discovery.shard import kth_smallest, shard_rows
 from sheafprune.sheaf import load_sheaf
 
 BIN = Path(sys.executable).parent
@@ -73,7 +73,7 @@ def test_one_process_shard_masks_runs_the_sharded_code_with_one_shard():
 INTERRUPT = """
 import signal, sys
 from sheafprune.cli.main import main
-from sheafprune.discover.loop import Trainer
+from sheafprune.discovery.loop import Trainer
 original = Trainer.train_step
 def interrupt_at_3(self):
     if self.step == 3:

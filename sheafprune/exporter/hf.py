@@ -23,7 +23,7 @@ from ..compact import Compacted, compact
 from ..errors import UserError
 from ..io import atomic_dir, write_json
 from ..masked import Masks, default_position_ids, masked_forward, sheaf_shapes
-from ..discover.objective import floor_verdict
+from ..discovery.objective import floor_verdict
 from ..sheaf import Sheaf, check_sheaf_matches, save_sheaf
 from ..tasks import Task, encode, load_task
 from . import modeling_sheaf

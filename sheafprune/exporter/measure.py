@@ -11,7 +11,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch import Tensor
 
-from ..discover.objective import accuracy, split_scores_of
+from ..discovery.objective import accuracy, split_scores_of
 from ..tasks import Task, score
 
 REPS = 5  # timed calls per file (after one warm-up), interleaved

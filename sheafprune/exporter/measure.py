@@ -34,7 +34,7 @@ def time_interleaved(fns: dict[str, Callable[[], Any]], reps: int) -> dict[str, 
 def torch_logits_fn(model: torch.nn.Module) -> LogitsFn:
     def logits(input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         with torch.inference_mode():
-            return model(input_ids=input_ids, attention_mask=attention_mask).logits
+            return model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
 
     return logits
 

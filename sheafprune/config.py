@@ -69,7 +69,7 @@ class DiscoverConfig:
     edge_grad: str = "gradient"
     adam_beta2: float = 0.9  # shorter memory than 0.999: straight-through gradients of tau=0.01 gates are rare spikes
     # How the density follows the target: "kept", a dual-ascent multiplier on the deterministic sheaf's density
-    # (logit > 0, maskparams.py); "project" has no multiplier: after every step each type's logits are shifted so the sheaf keeps exactly the ramp's
+    # (logit > 0, discovery/masks.py); "project" has no multiplier: after every step each type's logits are shifted so the sheaf keeps exactly the ramp's
     # density (top-k by logit).
     control: str = "kept"
     dual_lr: float = 1.0  # dual-ascent step of the density controller's multipliers (a drift of lr * lambda)

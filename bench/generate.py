@@ -21,7 +21,8 @@ from typing import Any
 
 import torch
 
-from bench.export_speed import _time_pair, random_sheaf
+from bench.export_speed import random_sheaf
+from sheafprune.exporter.measure import time_interleaved
 
 RESULTS = Path(__file__).parent / "results"
 NEW_TOKENS = 64
@@ -47,7 +48,7 @@ def bench_folder(folder: Path, *, reps: int) -> dict[str, Any]:
             "full_hf_cache": lambda: full.generate(prompt, use_cache=True, **kw)}
     with torch.inference_mode():
         same = torch.equal(runs["export_cache"](), runs["export_no_cache"]())
-        seconds = _time_pair(runs, reps)
+        seconds = time_interleaved(runs, reps)
     return {
         "export": str(folder), "model": sheaf.model_name, "task": sheaf.task, "prompt_tokens": prompt.shape[1],
         "new_tokens": NEW_TOKENS, "reps": reps, "threads": torch.get_num_threads(),

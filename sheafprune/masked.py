@@ -217,13 +217,25 @@ def _attn_bias(attention_mask: Tensor, dtype: torch.dtype) -> Tensor:
 
 
 def _read_qkv(stream: _Stream, masks: Masks, layer: int, n_heads: int, n_kv: int, norm: torch.nn.Module,
-              secant: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """The normed q, k and v reader inputs of one layer, in a single stack read when all three are edge-masked."""
-    mq, mk, mv = (masks.get(edge_key(layer, s)) for s in "qkv")
+              secant: bool) -> tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
+    """The normed q, k and v reader inputs of one layer, (R, B, T, D) each, in a single stack read when all three
+    are edge-masked; and, where the MLP's edges are masked too, the MLP input's part from the writers already in
+    the stack, (B, T, D), read in the same pass (else None).
+
+    One read per layer, not two: a read costs a pass over every earlier writer's output in forward and two in
+    backward (SmolLM2, weight+edge: the stack's matmuls were the largest item of a step). The MLP's edges from
+    its own layer's heads are added in `_mlp`. The secant estimator taps each reader's whole input, so it reads
+    the MLP's input separately."""
+    mq, mk, mv, mm = (masks.get(edge_key(layer, s)) for s in ("q", "k", "v", "mlp"))
     if mq is None or mk is None or mv is None:
-        return tuple(stream.read_normed(m, norm, secant=secant) for m in (mq, mk, mv))
-    x = stream.read_normed(torch.cat([mq, mk, mv], dim=1), norm, secant=secant)  # (H + 2 KV, B, T, D)
-    return x[:n_heads], x[n_heads:n_heads + n_kv], x[n_heads + n_kv:]
+        return (*(stream.read_normed(m, norm, secant=secant) for m in (mq, mk, mv)), None)
+    if mm is None or secant:
+        x = stream.read_normed(torch.cat([mq, mk, mv], dim=1), norm, secant=secant)  # (H + 2 KV, B, T, D)
+        return (*x.split([n_heads, n_kv, n_kv]), None)
+    x = stream.read(torch.cat([mq, mk, mv, mm[:mq.shape[0], None]], dim=1))  # (H + 2 KV + 1, B, T, D)
+    # split, not slices: each slice's backward zero-fills and adds a whole (H + 2 KV + 1, B, T, D) gradient
+    qkv, early = x.split([n_heads + 2 * n_kv, 1])
+    return (*norm(qkv).split([n_heads, n_kv, n_kv]), early[0])
 
 
 def _linear_heads(x: Tensor, w: Tensor, b: Optional[Tensor]) -> Tensor:
@@ -243,13 +255,15 @@ def _apply_rope(x: Tensor, rope: Optional[tuple[Tensor, Tensor]]) -> Tensor:
 
 
 def _heads(view: ArchView, stream: _Stream, masks: Masks, layer: int, w: ParamFn, *, bias: Tensor,
-           rope: Optional[tuple[Tensor, Tensor]], secant: bool, taps: Optional[dict[str, Tensor]]) -> Tensor:
-    """What the heads of `layer` write, (H, B, T, D), under their head masks (and mean ablation)."""
+           rope: Optional[tuple[Tensor, Tensor]], secant: bool, taps: Optional[dict[str, Tensor]]
+           ) -> tuple[Tensor, Optional[Tensor]]:
+    """What the heads of `layer` write, (H, B, T, D), under their head masks (and mean ablation); and the MLP
+    input's part from earlier writers where _read_qkv read it (else None)."""
     spec = view.spec
     group = spec.n_heads // spec.n_kv_heads
     a = view.attn(layer, w)
-    yq, yk, yv = _read_qkv(stream, masks, layer, spec.n_heads, spec.n_kv_heads, view.norm_module("attn", layer),
-                           secant)  # normed, (R, B, T, D) each
+    yq, yk, yv, mlp_early = _read_qkv(stream, masks, layer, spec.n_heads, spec.n_kv_heads,
+                                      view.norm_module("attn", layer), secant)  # normed, (R, B, T, D) each
     q = _apply_rope(_linear_heads(yq, a.wq, a.bq), rope)  # (H, B, T, hd)
     k = _apply_rope(_linear_heads(yk, a.wk, a.bk), rope)  # (KV, B, T, hd)
     v = _linear_heads(yv, a.wv, a.bv)  # (KV, B, T, hd)
@@ -270,15 +284,21 @@ def _heads(view: ArchView, stream: _Stream, masks: Masks, layer: int, w: ParamFn
         head_mean = masks.get(mean_key(head_key(layer)))
         if head_mean is not None:  # mean ablation: a pruned head writes its mean output, a constant
             heads = heads + (1 - hm) * head_mean[:, None, None, :]  # (H, B, T, D)
-    return heads
+    return heads, mlp_early
 
 
 def _mlp(view: ArchView, stream: _Stream, masks: Masks, layer: int, w: ParamFn, *, secant: bool,
-         taps: Optional[dict[str, Tensor]]) -> Tensor:
-    """What the MLP of `layer` writes, (1, B, T, D), under its neuron mask (and mean ablation)."""
+         taps: Optional[dict[str, Tensor]], early: Optional[Tensor], heads: Tensor) -> Tensor:
+    """What the MLP of `layer` writes, (1, B, T, D), under its neuron mask (and mean ablation). `early`: its input
+    from the writers before this layer's heads (_read_qkv), to which the edges from `heads` (H, B, T, D), what
+    those heads wrote, are added here."""
     m = view.mlp(layer, w)
-    xm = stream.read_normed(masks.get(edge_key(layer, "mlp")), view.norm_module("mlp", layer),
-                            secant=secant)  # (B, T, D) or (1, B, T, D)
+    norm, mask = view.norm_module("mlp", layer), masks.get(edge_key(layer, "mlp"))
+    if early is None:
+        xm = stream.read_normed(mask, norm, secant=secant)  # (B, T, D) or (1, B, T, D)
+    else:
+        own = mask[-heads.shape[0]:].to(heads.dtype)  # (H,)
+        xm = norm(early + torch.tensordot(own, heads, dims=1))  # (B, T, D)
     bsz, t = xm.shape[-3], xm.shape[-2]
     hidden = xm @ m.w_in + (m.b_in if m.b_in is not None else 0)  # (..., B, T, I)
     if m.w_gate is not None:
@@ -338,8 +358,9 @@ def masked_forward(
     rope = view.rope(x_in, position_ids)
 
     for layer in range(spec.n_layers):
-        stream.add(_heads(view, stream, masks, layer, w, bias=bias, rope=rope, secant=secant, taps=taps))
-        stream.add(_mlp(view, stream, masks, layer, w, secant=secant, taps=taps))
+        heads, mlp_early = _heads(view, stream, masks, layer, w, bias=bias, rope=rope, secant=secant, taps=taps)
+        stream.add(heads)
+        stream.add(_mlp(view, stream, masks, layer, w, secant=secant, taps=taps, early=mlp_early, heads=heads))
 
     # Normed at every position (cheap next to the head), which the secant's tap needs.
     final = stream.read_normed(masks.get(EDGE_OUT), view.norm_module("final", -1), secant=secant).reshape(bsz, t, -1)

@@ -309,10 +309,16 @@ def test_secant_edge_grad(model):
         logits = masked_forward(view, ids, attention_mask=am, masks=masks, edge_grad=mode)
         loss(logits).backward()
         runs[mode] = (logits.detach(), {k: m.grad for k, m in masks.items()})
+    # The same sums in another order (the gradient mode reads an MLP's input in its layer's q/k/v pass): equal to
+    # float rounding.
     d = (runs["gradient"][0] - runs["secant"][0]).abs().max().item()
-    assert d == 0.0, f"logits differ between edge_grad modes: max diff {d:.3g}"
-    dw = max((runs["gradient"][1][k] - runs["secant"][1][k]).abs().max().item() for k in base if k.startswith("w/"))
-    assert dw == 0.0, f"weight-mask gradients differ between edge_grad modes: max diff {dw:.3g}"
+    scale = runs["gradient"][0].abs().max().item()
+    assert d <= 1e-5 * scale, f"logits differ between edge_grad modes: max diff {d:.3g} (scale {scale:.3g})"
+    wkeys = [k for k in base if k.startswith("w/")]
+    dw = max((runs["gradient"][1][k] - runs["secant"][1][k]).abs().max().item() for k in wkeys)
+    sw = max(runs["gradient"][1][k].abs().max().item() for k in wkeys)
+    assert dw <= 1e-4 * sw, f"weight-mask gradients differ between edge_grad modes: max diff {dw:.3g} (scale {sw:.3g})"
+    print(f"edge_grad modes: logits max diff {d:.3g}, weight-mask gradients max diff {dw:.3g}")
     with torch.no_grad():
         now = loss(masked_forward(view, ids, attention_mask=am, masks=base))
         flips = []

@@ -43,8 +43,9 @@ class _StraightThrough(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor):
         (x,) = ctx.saved_tensors
-        s = torch.sigmoid(x / ctx.tau)
-        return grad * s * (1 - s) / ctx.tau, None
+        s = torch.sigmoid_(x * (1.0 / ctx.tau))
+        # grad * s * (1 - s) / tau in two passes (weight masks have ~10^8 entries)
+        return torch.ops.aten.sigmoid_backward(grad, s).div_(ctx.tau), None
 
 
 def concrete_sample(logits: Tensor, noise: Tensor, tau: float, scale: float) -> Tensor:

@@ -18,7 +18,7 @@ the target. The task loss (through Adam, at most ~lr per step) keeps what the ta
 
 from __future__ import annotations
 
-from typing import Mapping, Optional
+from typing import Collection, Mapping, Optional
 
 import torch
 from torch import Tensor, nn
@@ -43,9 +43,13 @@ class MaskLogits(nn.Module):
         return dict(zip(self.keys, self.logits))
 
     def forward(self, *, trained: tuple[str, ...], gate: str, taus: Mapping[str, float], noise_seed: int,
-                noise_scale: float = 1.0, frozen_masks: Optional[Mapping[str, Tensor]] = None
-                ) -> tuple[dict, dict, dict]:
+                noise_scale: float = 1.0, frozen_masks: Optional[Mapping[str, Tensor]] = None,
+                density_grad: Optional[Collection[str]] = None) -> tuple[dict, dict, dict]:
         """Sample masks for one step. Returns (masks, complement masks, expected density per trained type).
+
+        The expected density carries a gradient only for the types in `density_grad` (all trained types where
+        None): the others are only reported, and their P(keep) would otherwise be kept for a backward that never
+        comes (a model-sized tensor for weight masks).
 
         The noise depends only on `noise_seed`, so every rank (and a resumed run) draws the same masks.
         Types not in `trained` use `frozen_masks` (their deterministic masks) in both the sheaf and the
@@ -65,7 +69,8 @@ class MaskLogits(nn.Module):
                 noise.mul_(noise_scale)
             m = fn.sample(logit, noise, taus[t], noise_scale)
             masks[key], comp[key] = m, 1.0 - m
-            p = fn.p_keep(logit, noise_scale)
+            with torch.set_grad_enabled(torch.is_grad_enabled() and (density_grad is None or t in density_grad)):
+                p = fn.p_keep(logit, noise_scale)
             kept[t] = kept.get(t, 0.0) + p.sum()
             count[t] = count.get(t, 0) + p.numel()
         return self.for_forward(masks), self.for_forward(comp), self._density(kept, count)

@@ -10,6 +10,7 @@ the test split), wall time and peak memory of each run, each run in its own proc
 With --jobs 2 each run gets one of the two cores, so it is a stricter test of a wall-time budget, not a looser one:
 a run stops when its --max-minutes budget is spent, having made about half the steps it would make alone.
 
+The runs and their options: bench/discover_runs.yaml.
 Results: bench/results/discover[_quick].json (one entry per run name, written as runs finish).
 """
 
@@ -25,54 +26,47 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import yaml
+
 RESULTS = Path(__file__).parent / "results"
 CONFIGS = Path(__file__).parent / "configs"
-BUDGET = ["--max-minutes", "30"]
-JOINT = ["--granularity", "weight,edge", "--target-density", "weight=0.05,edge=0.05", "--steps", "100",
-         "--batch-size", "16", "--eval-every", "5", *BUDGET]
-RUNS = {
-    "ioi-joint": ["--model", "smollm2-135m", "--task", "ioi", *JOINT],
-    "anaphor-joint": ["--model", "smollm2-135m", "--task", "blimp/anaphor_gender_agreement", *JOINT],
-    "capitals-joint": ["--model", "smollm2-135m", "--task", "capitals", *JOINT],
-    "sentence-joint": ["--model", "smollm2-135m", "--task", "blimp/determiner_noun_agreement_2", *JOINT],
-    # Variants (not the defaults): see README, "Discovery on SmolLM2". anaphor-balanced is the acceptance run for
-    # anaphor; anaphor-joint keeps the defaults for comparison.
-    "anaphor-nsgd": ["--model", "smollm2-135m", "--task", "blimp/anaphor_gender_agreement", *JOINT,
-                     "--config", str(CONFIGS / "anaphor-nsgd.yaml")],
-    "anaphor-balanced": ["--model", "smollm2-135m", "--task", "blimp/anaphor_gender_agreement", *JOINT,
-                         "--steps", "150", "--config", str(CONFIGS / "anaphor-balanced.yaml")],
-    # Each alone on both cores (--jobs 1), 150 steps. IOI on 1000 generated items (dev and test 100 each).
-    "ioi-select": ["--model", "smollm2-135m", "--task", "ioi", *JOINT, "--steps", "150", "--n-items", "1000",
-                   "--config", str(CONFIGS / "ioi-select.yaml")],
-    "ioi-nsgd": ["--model", "smollm2-135m", "--task", "ioi", *JOINT, "--steps", "130", "--n-items", "1000",
-                 "--config", str(CONFIGS / "ioi-nsgd.yaml")],
-    "ioi-sharp": ["--model", "smollm2-135m", "--task", "ioi", *JOINT, "--steps", "130", "--n-items", "1000",
-                  "--config", str(CONFIGS / "ioi-sharp.yaml")],
-    # ioi-nsgd with the edge masks' secant estimator (edge_grad: secant), alone.
-    "ioi-secant": ["--model", "smollm2-135m", "--task", "ioi", *JOINT, "--steps", "130", "--n-items", "1000",
-                   "--config", str(CONFIGS / "ioi-secant.yaml")],
-    "ioi-joint-secant": ["--model", "smollm2-135m", "--task", "ioi", *JOINT,
-                         "--config", str(CONFIGS / "ioi-joint-secant.yaml")],
-    "anaphor-secant": ["--model", "smollm2-135m", "--task", "blimp/anaphor_gender_agreement", *JOINT,
-                       "--steps", "150", "--config", str(CONFIGS / "anaphor-secant.yaml")],
-    # The noise-free sigmoid gate with the margin loss, per-tensor ranks and the secant, alone.
-    "ioi-sigmoid": ["--model", "smollm2-135m", "--task", "ioi", *JOINT, "--steps", "130", "--n-items", "1000",
-                    "--config", str(CONFIGS / "ioi-sigmoid.yaml")],
-    "anaphor-sigmoid": ["--model", "smollm2-135m", "--task", "blimp/anaphor_gender_agreement", *JOINT,
-                        "--steps", "150", "--config", str(CONFIGS / "anaphor-sigmoid.yaml")],
-    "capitals-sigmoid": ["--model", "smollm2-135m", "--task", "capitals", *JOINT, "--steps", "130",
-                         "--config", str(CONFIGS / "capitals-sigmoid.yaml")],
-    "sentence-sigmoid": ["--model", "smollm2-135m", "--task", "blimp/determiner_noun_agreement_2", *JOINT,
-                         "--steps", "130", "--config", str(CONFIGS / "ioi-sigmoid.yaml")],
-    "ioi-staged": ["--model", "smollm2-135m", "--task", "ioi", "--schedule", "staged", "--granularity",
-                   "weight,edge", "--steps", "50", "--batch-size", "16", "--eval-every", "5", *BUDGET],
-}
-QUICK = {
-    "tiny-joint": ["--model", "tiny-gpt2", "--task", "ioi", "--steps", "60", "--batch-size", "16",
-                   "--target-density", "weight=0.2,edge=0.2"],
-    "tiny-staged": ["--model", "tiny-gpt2", "--task", "ioi", "--steps", "30", "--batch-size", "16",
-                    "--schedule", "staged"],
-}
+RUNS_FILE = Path(__file__).with_name("discover_runs.yaml")
+RUN_KEYS = {"task", "base", "options", "config"}
+
+
+def _flags(options: dict, where: str) -> list[str]:
+    """{"steps": 100} -> ["--steps", "100"], in the mapping's order."""
+    argv = []
+    for key, value in options.items():
+        if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+            raise ValueError(f"{RUNS_FILE.name}: run {where!r}: option {key!r} needs a string or number, got {value!r}")
+        argv += [f"--{key}", str(value)]
+    return argv
+
+
+def run_argv(name: str, run: dict, model: str, option_sets: dict) -> list[str]:
+    """The `sheafprune discover` arguments of one run of the runs file (its header says how they are built)."""
+    if set(run) - RUN_KEYS or "task" not in run:
+        raise ValueError(f"{RUNS_FILE.name}: run {name!r} has keys {sorted(run)}; it needs task and may have "
+                         f"{', '.join(sorted(RUN_KEYS - {'task'}))}")
+    if "base" in run and run["base"] not in option_sets:
+        raise ValueError(f"{RUNS_FILE.name}: run {name!r} names the unknown option set {run['base']!r}")
+    argv = ["--model", model, "--task", run["task"], *_flags(option_sets.get(run.get("base"), {}), name),
+            *_flags(run.get("options", {}), name)]
+    if "config" in run:
+        config = CONFIGS / run["config"]
+        if not config.is_file():
+            raise ValueError(f"{RUNS_FILE.name}: run {name!r} names {config}, which does not exist")
+        argv += ["--config", str(config)]
+    return argv
+
+
+def load_runs(path: Path = RUNS_FILE) -> dict[str, dict[str, list[str]]]:
+    """{"full": {run name: argv}, "quick": {run name: argv}} from the runs file."""
+    spec = yaml.safe_load(path.read_text())
+    sets = spec.get("option_sets", {})
+    return {table: {name: run_argv(name, run, spec[table]["model"], sets) for name, run in spec[table]["runs"].items()}
+            for table in ("full", "quick")}
 
 
 def run_one(name: str, args: list[str], workdir: Path, threads: int | None = None) -> dict:
@@ -94,14 +88,15 @@ def run_one(name: str, args: list[str], workdir: Path, threads: int | None = Non
 
 
 def main(argv: list[str] | None = None) -> int:
+    runs = load_runs()
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--runs", help="comma-separated subset of: " + ", ".join(RUNS))
+    ap.add_argument("--runs", help="comma-separated subset of: " + ", ".join(runs["full"]))
     ap.add_argument("--minutes", type=float, help="override each run's 30-minute --max-minutes budget")
     ap.add_argument("--jobs", type=int, default=1, help="runs at a time, the cores split between them")
     ap.add_argument("--keep", type=Path, help="keep the sheaf folders here (default: a temporary folder)")
     args = ap.parse_args(argv)
-    table = QUICK if args.quick else RUNS
+    table = runs["quick" if args.quick else "full"]
     if args.minutes:
         table = {n: [str(args.minutes) if i and a[i - 1] == "--max-minutes" else x for i, x in enumerate(a)]
                  for n, a in table.items()}

@@ -11,6 +11,7 @@ import sys
 
 import pytest
 import torch
+from conftest import make_sheaf
 from safetensors.torch import load_file
 
 from sheafprune.arch import view_of
@@ -18,32 +19,12 @@ from sheafprune.cli.main import main
 from sheafprune.compact import compact
 from sheafprune.errors import UserError
 from sheafprune.exporter import export, hf, load
-from sheafprune.masked import mask_shapes, masked_forward
-from sheafprune.models import fingerprint, load_model, tiny_model
-from sheafprune.sheaf import Sheaf, load_sheaf, save_sheaf
+from sheafprune.masked import masked_forward
+from sheafprune.models import load_model, tiny_model
+from sheafprune.sheaf import load_sheaf, save_sheaf
 
 IDS = [[2215, 5335, 290, 1757, 1816, 284, 262, 3650]]  # "When Mary and John went to the store"
 PROMPTS = ["When Mary and John went to the store, John gave a drink to", "The cat sat on the"]  # left-padded batch
-
-
-def make_sheaf(model, name: str, granularity=("weight", "edge"), density: float = 0.7, seed: int = 0) -> Sheaf:
-    """A random sheaf for `model`: each unit kept with probability `density` (weights denser, see below)."""
-    g = torch.Generator().manual_seed(seed)
-    logits = {}
-    for k, shape in mask_shapes(view_of(model), list(granularity)).items():
-        keep = density ** 0.25 if k.startswith("w/") else density  # the edges decide what survives
-        logits[k] = torch.rand(shape, generator=g) - (1 - keep)  # kept iff > 0
-    sheaf = Sheaf(logits, {"model": {"name": name, "fingerprint": fingerprint(model)}, "task": "ioi",
-                           "granularity": list(granularity), "config": {"seed": 0, "n_items": 40},
-                           "metrics": {"split": "test", "n": 4, "full_accuracy": 1.0, "sheaf_accuracy": 0.75,
-                                       "complement_accuracy": 0.5}})
-    sheaf.meta["density"] = sheaf.density()
-    return sheaf
-
-
-@pytest.fixture(scope="module")
-def gpt2():
-    return load_model("tiny-gpt2")
 
 
 @pytest.fixture(scope="module")

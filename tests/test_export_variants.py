@@ -9,8 +9,7 @@ import json
 
 import pytest
 import torch
-from test_export import make_sheaf
-from test_robustness import refused, tree
+from conftest import make_sheaf, refused, tree
 
 from sheafprune.cli.main import main
 from sheafprune.errors import UserError

@@ -10,13 +10,13 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from conftest import SHEAFPRUNE
 from safetensors.torch import load_file
 
 import sheafprune.discovery.attribution as attribution
@@ -30,7 +30,6 @@ from sheafprune.discovery.data import RankData
 from sheafprune.discovery.masks import MaskLogits
 from sheafprune.errors import UserError
 
-SHEAFPRUNE = Path(sys.executable).with_name("sheafprune")
 # Small but not trivial: masks move (lr 0.5), the target is met early so the best-sheaf tracking is exercised,
 # checkpoints and dev evaluations come every other step, and a run takes ~1 s. Edge masks only: weight masks would
 # double the cost and add nothing to what resuming must restore (logits, multipliers, optimizer, best, curve).

@@ -13,8 +13,7 @@ from pathlib import Path
 import matplotlib.image
 import pytest
 import torch
-from test_export import make_sheaf  # random sheaves of a given density, cheap
-from test_robustness import refused  # one error line, exit 2, nothing written
+from conftest import SHEAFPRUNE, make_sheaf, refused
 
 from sheafprune import show
 from sheafprune.cli.main import main
@@ -142,8 +141,7 @@ def test_bad_input_is_one_error_line_and_writes_nothing(sheaf_dirs, tmp_path, ca
 
 def test_installed_command(sheaf_dirs, tmp_path):
     """The real process: exit code 2 and one stderr line, no traceback."""
-    exe = Path(sys.executable).with_name("sheafprune")
-    proc = subprocess.run([str(exe), "show", str(sheaf_dirs["gpt2"]), "--out", "o.gif"], cwd=tmp_path,
+    proc = subprocess.run([str(SHEAFPRUNE), "show", str(sheaf_dirs["gpt2"]), "--out", "o.gif"], cwd=tmp_path,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
         "error: --out o.gif must end in .png (show writes a PNG image)"], proc.stderr

@@ -1,0 +1,48 @@
+"""bench/discover_runs.yaml gives bench.discover the `sheafprune discover` arguments of each run: every run name the
+results and docs refer to, the arguments in their order, and config files that exist. Read in a child process from
+the project root, as `python -m bench.discover` reads it (bench/ is not an installed package)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "bench" / "configs"
+LOAD = "import json\nfrom bench.discover import load_runs\nprint(json.dumps(load_runs()))\n"
+JOINT = ["--granularity", "weight,edge", "--target-density", "weight=0.05,edge=0.05", "--steps", "100",
+         "--batch-size", "16", "--eval-every", "5", "--max-minutes", "30"]
+
+
+@pytest.fixture(scope="module")
+def runs() -> dict[str, dict[str, list[str]]]:
+    proc = subprocess.run([sys.executable, "-c", LOAD], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads(proc.stdout)
+
+
+def test_runs_file_gives_each_run_its_arguments(runs):
+    assert list(runs["full"]) == [
+        "ioi-joint", "anaphor-joint", "capitals-joint", "sentence-joint", "anaphor-nsgd", "anaphor-balanced",
+        "ioi-select", "ioi-nsgd", "ioi-sharp", "ioi-secant", "ioi-joint-secant", "anaphor-secant", "ioi-sigmoid",
+        "anaphor-sigmoid", "capitals-sigmoid", "sentence-sigmoid", "ioi-staged"]
+    assert list(runs["quick"]) == ["tiny-joint", "tiny-staged"]
+    assert runs["full"]["ioi-joint"] == ["--model", "smollm2-135m", "--task", "ioi", *JOINT]
+    # A run's own options come after the shared set (a repeated --steps wins), its config file last.
+    assert runs["full"]["ioi-select"] == ["--model", "smollm2-135m", "--task", "ioi", *JOINT, "--steps", "150",
+                                          "--n-items", "1000", "--config", str(CONFIGS / "ioi-select.yaml")]
+    assert runs["full"]["ioi-staged"] == ["--model", "smollm2-135m", "--task", "ioi", "--schedule", "staged",
+                                          "--granularity", "weight,edge", "--steps", "50", "--batch-size", "16",
+                                          "--eval-every", "5", "--max-minutes", "30"]
+    assert runs["quick"]["tiny-joint"] == ["--model", "tiny-gpt2", "--task", "ioi", "--steps", "60", "--batch-size",
+                                           "16", "--target-density", "weight=0.2,edge=0.2"]
+
+
+def test_every_config_file_a_run_names_exists(runs):
+    configs = [argv[i + 1] for table in runs.values() for argv in table.values()
+               for i, a in enumerate(argv) if a == "--config"]
+    assert len(configs) == 12
+    missing = [c for c in configs if not Path(c).is_file()]
+    assert not missing, missing

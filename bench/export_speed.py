@@ -22,6 +22,7 @@ from typing import Any, Callable
 
 import torch
 
+from bench.machine import machine
 from sheafprune.arch import view_of
 from sheafprune.compact import compact
 from sheafprune.exporter import export, load
@@ -75,6 +76,7 @@ def bench_one(name: str, sheaf: Sheaf | None, *, density: float, reps: int, work
         "bytes_onnx_full": full_onnx.stat().st_size,
         "torch_ms": {k: 1e3 * v for k, v in torch_s.items()}, "torch_speedup": torch_s["full"] / torch_s["export"],
         "ort_ms": {k: 1e3 * v for k, v in ort_s.items()}, "ort_speedup": ort_s["full"] / ort_s["export"],
+        "machine": machine(),
     }
 
 

@@ -24,6 +24,8 @@ from pathlib import Path
 
 import torch
 
+from bench.machine import machine
+
 RESULTS = Path(__file__).parent / "results"
 FRACTIONS = {"random": (0.02, 0.07, 0.27), "attribution": (0.07, 0.5, 0.95), "magnitude": (0.07, 0.5, 0.95)}
 ITERATIVE_ROUNDS = 9  # to 0.05^(9/30) = 41% of the edges kept
@@ -126,7 +128,7 @@ def measure(model_name: str, task_name: str) -> dict:
     return {"model": model_name, "task": task_name, "split": "dev", "n": int(target.numel()),
             "full": {"accuracy": round(accuracy(full_scores, target), 4),
                      "ce": round(float(faithfulness(full_scores, target)), 4)},
-            "removal": rows, "writers": writers}
+            "removal": rows, "writers": writers, "machine": machine()}
 
 
 def main(argv: list[str] | None = None) -> int:

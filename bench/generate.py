@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from bench.export_speed import random_sheaf
+from bench.machine import machine
 from sheafprune.exporter.measure import time_interleaved
 
 RESULTS = Path(__file__).parent / "results"
@@ -57,6 +58,7 @@ def bench_folder(folder: Path, *, reps: int) -> dict[str, Any]:
         "tokens_per_s": {k: round(NEW_TOKENS / v, 1) for k, v in seconds.items()},
         "cache_speedup": round(seconds["export_no_cache"] / seconds["export_cache"], 2),
         "export_vs_full": round(seconds["full_hf_cache"] / seconds["export_cache"], 2),
+        "machine": machine(),
     }
 
 

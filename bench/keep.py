@@ -26,6 +26,8 @@ from pathlib import Path
 
 import torch
 
+from bench.machine import machine
+
 RESULTS = Path(__file__).parent / "results"
 PANEL = ["ioi", "blimp/anaphor_gender_agreement", "blimp/regular_plural_subject_verb_agreement_1",
          "blimp/determiner_noun_agreement_2", "capitals", "jsonl"]
@@ -142,6 +144,7 @@ def main(argv: list[str] | None = None) -> int:
             task = f"jsonl:{write_jsonl_task(work / 'anaphor_number.jsonl')}" if spec == "jsonl" else spec
             row = run_task(model, task, work, extra)
             row["task"] = JSONL_LABEL if spec == "jsonl" else spec
+            row["machine"] = machine()
             rows.append(row)
             print(json.dumps(row), flush=True)
             path.write_text(json.dumps(rows, indent=1))

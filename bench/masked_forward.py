@@ -19,6 +19,8 @@ import sys
 import time
 from pathlib import Path
 
+from bench.machine import machine
+
 RESULTS = Path(__file__).parent / "results"
 
 
@@ -85,7 +87,7 @@ def run(quick: bool) -> dict:
     base = {r["batch"]: r["seconds"] for r in rows if r["mode"] == "hf"}
     for r in rows:
         r["time_vs_hf_forward"] = round(r["seconds"] / base[r["batch"]], 2)
-    return {"bench": "masked_forward", "quick": quick, "rows": rows}
+    return {"bench": "masked_forward", "quick": quick, "machine": machine(), "rows": rows}
 
 
 def main(argv: list[str] | None = None) -> int:

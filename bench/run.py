@@ -1,11 +1,12 @@
-"""`make bench` / `make bench-quick`: every benchmark in turn (each prints its ratios and writes JSON)."""
+"""`make bench` / `make bench-quick`: every benchmark in turn (each prints its ratios and writes JSON), then the report
+of them all (docs/benchmarks.md; --quick: bench/results/benchmarks_quick.md)."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-from bench import discover, export_speed, fragility, generate, keep, masked_forward, step_cost
+from bench import discover, export_speed, fragility, generate, keep, masked_forward, report, step_cost
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -16,7 +17,8 @@ def main(argv: list[str] | None = None) -> int:
     for bench in (step_cost, masked_forward, export_speed, generate, keep, fragility, discover):
         print(f"== {bench.__name__}", flush=True)
         bench.main(flag)
-    return 0
+    print("== bench.report", flush=True)
+    return report.main(flag)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,8 @@ import sys
 import time
 from pathlib import Path
 
+from bench.machine import machine
+
 RESULTS = Path(__file__).parent / "results"
 MODES = ("plain", "keep", "weight+edge")
 
@@ -98,9 +100,10 @@ def main(argv: list[str] | None = None) -> int:
                              capture_output=True, text=True, check=True)
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
         print(json.dumps(rows[-1]), flush=True)
-    plain = rows[0]["seconds"]
+    plain, host = rows[0]["seconds"], machine()
     for r in rows:
         r["ratio_to_plain"] = round(r["seconds"] / plain, 2)
+        r["machine"] = host
     print("\n".join(f"{r['mode']:12s} {r['seconds']:.3f} s/step  {r['ratio_to_plain']:.2f}x plain  "
                     f"peak {r['peak_rss_mb'] / 1024:.2f} GiB" for r in rows))
     RESULTS.mkdir(exist_ok=True)

@@ -5,7 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-BENCHES = ["step_cost", "masked_forward", "export_speed", "generate", "keep", "fragility", "discover", "verdict", "run"]
+BENCHES = ["step_cost", "masked_forward", "export_speed", "generate", "keep", "fragility", "discover", "verdict", "report", "run"]
 CHECK = "import importlib, sys\nfor n in sys.argv[1:]:\n    assert callable(importlib.import_module(f'bench.{n}').main), n\n"
 
 

@@ -364,7 +364,8 @@ def masked_forward(
 
     # Normed at every position (cheap next to the head), which the secant's tap needs.
     final = stream.read_normed(masks.get(EDGE_OUT), view.norm_module("final", -1), secant=secant).reshape(bsz, t, -1)
-    return view.head(final[:, -1:] if last_only else final)  # (B, T, V) or (B, 1, V)
+    # contiguous: on a strided (B, 1, D) slice the head's matmul broadcasts its weight, 5x slower on CPU
+    return view.head(final[:, -1:].contiguous() if last_only else final)  # (B, T, V) or (B, 1, V)
 
 
 def mask_shapes(view: ArchView, granularity: tuple[str, ...] | list[str]) -> dict[str, tuple[int, ...]]:

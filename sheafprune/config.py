@@ -31,8 +31,7 @@ RANK_WITHIN = ("type", "tensor")
 _CHOICES = {"ablation": ABLATIONS, "gate": GATES, "control": CONTROLS, "optimizer": OPTIMIZERS, "rank_within": RANK_WITHIN,
             "faith_loss": FAITH_LOSSES, "edge_grad": EDGE_GRADS, "ramp": RAMPS, "init": INITS,
             "schedule": SCHEDULES}
-_FLOATS = ("keep", "lr", "adam_beta2", "dual_lr", "lambda_complete", "warmup", "tau_weight", "tau_edge", "init_mean", "init_std",
-           "noise_start", "noise_final", "init_spread")
+_FLOATS = ("keep", "lr", "lambda_complete", "warmup", "noise_start", "noise_final", "init_spread")
 
 
 @dataclass(frozen=True)
@@ -67,12 +66,10 @@ class DiscoverConfig:
     # after it (masked.flip_effects): a writer that dominates its reader's input has a gradient of ~0 at mask 1
     # (the norm undoes its scaling) yet breaks the reader when zero-ablated.
     edge_grad: str = "gradient"
-    adam_beta2: float = 0.9  # shorter memory than 0.999: straight-through gradients of tau=0.01 gates are rare spikes
     # How the density follows the target: "kept", a dual-ascent multiplier on the deterministic sheaf's density
     # (logit > 0, discovery/masks.py); "project" has no multiplier: after every step each type's logits are shifted so the sheaf keeps exactly the ramp's
     # density (top-k by logit).
     control: str = "kept"
-    dual_lr: float = 1.0  # dual-ascent step of the density controller's multipliers (a drift of lr * lambda)
     lambda_complete: float = 1.0  # weight of the completeness loss
     # Faithfulness loss of training: "ce" (DiscoGP's CE over the candidates), "margin" (minus the right answer's logit
     # margin over the others, objective.margin_loss: it does not saturate) or "kl" (KL from the full model's
@@ -85,19 +82,13 @@ class DiscoverConfig:
     balance_answers: bool = False
     warmup: float = 0.6  # fraction of steps over which the density target ramps from 1 down to its value
     ramp: str = "linear"  # shape of that ramp: "linear" or "cubic" (fast first, slow near the target)
-    # Straight-through temperature of weight gates. None = the schedule's own: DiscoGP's 0.01 in "staged"; 1.0 in
-    # "joint", whose annealed noise would leave a 0.01 gate a gradient only within ~0.1 of logit 0 (measured on
-    # SmolLM2/IOI: the weight masks then freeze at their initial ranking and the sheaf never recovers).
-    tau_weight: Optional[float] = None
-    tau_edge: float = 1.0
     # Joint schedule: the gate's noise scale anneals from noise_start to noise_final over the warmup, so the masks
     # trained on become the deterministic sheaf that is evaluated and exported (gates.py). 1 = DiscoGP's gate.
     noise_start: float = 1.0
     noise_final: float = 1.0
-    # Joint schedule: "attribution" spreads the initial logits over init_mean +- init_spread by the rank of each
-    # entry's |dLoss/dmask| on the full model (init_batches batches), so the first entries the controller removes
-    # are the least used ones, not random ones; "constant" is DiscoGP's N(init_mean, init_std) (always used by the
-    # staged preset).
+    # Joint schedule: "attribution" spreads the initial logits over 1 +- init_spread by the rank of each entry's
+    # |dLoss/dmask| on the full model (discovery/attribution.py), so the first entries the controller removes are
+    # the least used ones, not random ones; "constant" is DiscoGP's N(1, 0.01) (always used by the staged preset).
     init: str = "constant"
     init_spread: float = 1.0
     # Where the attribution init ranks scores and nsgd takes its gradient RMS: over each mask type, or within each
@@ -105,9 +96,6 @@ class DiscoverConfig:
     # some q_proj matrices keep 5-7% of their entries when the type keeps 35%, and weights-only sheaves broke
     # between 38% and 26% kept; with per-tensor ranks and faith_loss margin they held to 5% (docs/weight-edge-experiments.md).
     rank_within: str = "type"
-    init_batches: int = 4
-    init_mean: float = 1.0
-    init_std: float = 0.01
     n_items: Optional[int] = None  # task size where the task generates items (ioi)
     # Items carved from the end of the train split (tasks.hold_out) that training never sees: a sheaf that might
     # beat the best so far on dev is also scored on them, and the best sheaf and early stopping are judged on dev
@@ -124,9 +112,6 @@ class DiscoverConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.tau_weight is None:  # resolved here, so sheaf.json records the value used
-            annealed = self.schedule == "joint" and self.noise_final < 1.0
-            object.__setattr__(self, "tau_weight", 1.0 if annealed else 0.01)
         if not isinstance(self.target_density, Mapping):
             raise UserError(f"target_density must map mask types to densities, e.g. weight=0.03,edge=0.03, "
                             f"got {self.target_density!r}")
@@ -144,7 +129,7 @@ class DiscoverConfig:
         for name, allowed in _CHOICES.items():
             if getattr(self, name) not in allowed:
                 raise UserError(f"unknown {name} {getattr(self, name)!r}; use one of {', '.join(allowed)}")
-        for name in ("steps", "batch_size", "eval_every", "checkpoint_every", "seed", "n_items", "init_batches"):
+        for name in ("steps", "batch_size", "eval_every", "checkpoint_every", "seed", "n_items"):
             value = getattr(self, name)
             if value is None and name == "n_items":
                 continue
@@ -162,14 +147,12 @@ class DiscoverConfig:
         if self.lr_final is not None and (isinstance(self.lr_final, bool) or not isinstance(self.lr_final, (int, float))
                                           or not 0.0 <= self.lr_final <= self.lr):
             raise UserError(f"lr_final must be a number in [0, lr={self.lr}], got {self.lr_final!r}")
-        for name in ("lr", "dual_lr", "tau_weight", "tau_edge", "init_spread"):
+        for name in ("lr", "init_spread"):
             if not getattr(self, name) > 0:
                 raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
         if self.max_minutes is not None and (isinstance(self.max_minutes, bool) or not isinstance(
                 self.max_minutes, (int, float)) or not self.max_minutes > 0):
             raise UserError(f"--max-minutes must be a positive number, got {self.max_minutes!r}")
-        if not 0.0 < self.adam_beta2 < 1.0:
-            raise UserError(f"adam_beta2 must be in (0, 1), got {self.adam_beta2}")
         for name in ("noise_start", "noise_final"):
             if not 0.0 < getattr(self, name) <= 1.0:
                 raise UserError(f"{name} must be in (0, 1], got {getattr(self, name)}")

@@ -19,6 +19,7 @@ from sheafprune.config import resolve_config
 from sheafprune.discovery import data as data_module
 from sheafprune.discovery import discover
 from sheafprune.discovery import select as select_module
+from sheafprune.discovery import step as step_module
 from sheafprune.discovery.data import RankData, batch_indices
 from sheafprune.discovery.gates import GATES
 from sheafprune.discovery.loop import Trainer
@@ -128,8 +129,9 @@ def test_early_stop_once_the_ramp_is_over_if_the_best_sheaf_passes(monkeypatch):
 
     monkeypatch.setattr(select_module, "dev_rank", rank)
     monkeypatch.setattr(select_module, "sheaf_done", lambda dev, *, balanced: True)
-    sheaf = discover(cfg(select_items=16, steps=40, eval_every=2, warmup=0.5, target_density="weight=0.9,edge=0.9",
-                         dual_lr=50.0), progress=False)
+    monkeypatch.setattr(step_module, "DUAL_LR", 50.0)  # a controller fast enough to meet the targets early
+    sheaf = discover(cfg(select_items=16, steps=40, eval_every=2, warmup=0.5, target_density="weight=0.9,edge=0.9"),
+                     progress=False)
     ramp_end = int(0.5 * 40)
     met = [r["step"] for r in sheaf.curve if "selection" in r]
     assert met and met[0] < ramp_end, f"no sheaf was judged before the ramp's end ({ramp_end}): {met}"

@@ -26,6 +26,7 @@ import sheafprune.discovery.step as step_module
 from sheafprune.cli.main import main
 from sheafprune.config import resolve_config
 from sheafprune.discovery import discover, work_dir_for
+from sheafprune.discovery.attribution import INIT_BATCHES
 from sheafprune.discovery.data import RankData
 from sheafprune.discovery.masks import MaskLogits
 from sheafprune.errors import UserError
@@ -71,7 +72,7 @@ def reference(cfg, tmp_path_factory) -> Path:
 
 def _init_calls(cfg) -> int:
     """Loss evaluations before step 0: one per batch of an attribution init."""
-    return cfg.init_batches if cfg.init == "attribution" else 0
+    return INIT_BATCHES if cfg.init == "attribution" else 0
 
 
 def _interrupt_once(monkeypatch, owner, name: str, *, at_call: int, before: bool = True) -> None:
@@ -124,7 +125,7 @@ def test_corrupt_newest_checkpoint_falls_back_and_resume_still_matches(cfg, refe
     out = tmp_path / "sheaf"
     with monkeypatch.context() as m:
         # Ctrl-C in the forward of step 4 (0-based): the step finishes and is checkpointed as step 5, next to step 4.
-        # An attribution init calls the loss init_batches times before step 0.
+        # An attribution init calls the loss INIT_BATCHES times before step 0.
         _interrupt_once(m, objective.FAITH_LOSSES, cfg.faith_loss, at_call=5 + _init_calls(cfg))
         with pytest.raises(KeyboardInterrupt):
             discover(cfg, out=out, progress=False)

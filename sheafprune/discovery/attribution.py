@@ -1,7 +1,7 @@
 """The attribution init: before step 1 of a fresh run, mask logits ranked by how much each entry matters.
 
 The score of a mask entry is |dL/dm| at m = 1 (the full model), L the faithfulness loss (cfg.faith_loss), summed
-over cfg.init_batches training batches: the first-order change of the loss if that entry alone were removed (for
+over INIT_BATCHES training batches: the first-order change of the loss if that entry alone were removed (for
 edges this is edge attribution patching with zero ablation; with cfg.edge_grad "secant", the removal's effect taken
 exactly through the reader's norm). Every rank scores its slice of the same global batches and the scores are
 all-reduced, so the logits are identical on every rank.
@@ -17,7 +17,9 @@ from ..errors import RunFailed
 from .data import RankData
 from .masks import MaskLogits
 from .objective import FAITH_LOSSES, task_scores
-from .schedule import attribution_init
+from .schedule import INIT_MEAN, attribution_init
+
+INIT_BATCHES = 4  # training batches whose summed |dLoss/dmask| rank the entries
 
 
 def init_logits(*, cfg: DiscoverConfig, view: ArchView, params: MaskLogits, data: RankData, accelerator,
@@ -29,7 +31,7 @@ def init_logits(*, cfg: DiscoverConfig, view: ArchView, params: MaskLogits, data
 
     shapes = {k: tuple(p.shape) for k, p in params.named_logits().items()}
     ones = {k: torch.ones(shape, device=accelerator.device, requires_grad=True) for k, shape in shapes.items()}
-    for b in tqdm(range(cfg.init_batches), desc="attribution", disable=not progress, leave=False):
+    for b in tqdm(range(INIT_BATCHES), desc="attribution", disable=not progress, leave=False):
         batch = data.local_batch(b)
         scores = task_scores(view, batch, params.for_forward(ones), edge_grad=cfg.edge_grad)
         init_loss = "ce" if cfg.faith_loss == "kl" else cfg.faith_loss  # KL's gradient is 0 here
@@ -44,5 +46,5 @@ def init_logits(*, cfg: DiscoverConfig, view: ArchView, params: MaskLogits, data
                             f"this task are not finite (try --init constant)")
         scores[k] = g.abs()
     del ones
-    params.init_from_scores(scores, center=cfg.init_mean, spread=cfg.init_spread, seed=cfg.seed,
+    params.init_from_scores(scores, center=INIT_MEAN, spread=cfg.init_spread, seed=cfg.seed,
                             within=cfg.rank_within)

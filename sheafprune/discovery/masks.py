@@ -4,7 +4,7 @@ just the logits' gradients and every rank holds identical masks.
 
 Density controller (a Lagrangian for the inequality d_t <= rho_t, acting as a decoupled drift): for each mask
 type t with a target rho_t, a multiplier lambda_t >= 0 is raised by dual ascent after every step,
-lambda_t <- lambda_t + dual_lr * (d_t - rho_t) while d_t > rho_t and 0 otherwise. d_t is the kept fraction of
+lambda_t <- lambda_t + DUAL_LR * (d_t - rho_t) (step.py) while d_t > rho_t and 0 otherwise. d_t is the kept fraction of
 the deterministic sheaf (logit > 0), the density that is reported. It is a step function of the logits (they start
 nearly equal: it falls from 100% to ~20% within a few steps), and with DiscoGP's noise the masks trained on stay
 several times denser than the sheaf (SmolLM2/IOI: 21-30% sampled vs 5% kept).

@@ -14,6 +14,10 @@ import torch
 from ..config import DiscoverConfig
 from .gates import GATES
 
+# DiscoGP's initial mask logits, N(INIT_MEAN, INIT_STD): every entry starts kept (P(keep) = sigmoid(1) = 0.73
+# under the concrete gate's noise); the attribution init spreads them over INIT_MEAN +- init_spread instead.
+INIT_MEAN, INIT_STD = 1.0, 0.01
+
 
 @dataclass(frozen=True)
 class Stage:
@@ -109,12 +113,15 @@ def initial_density(cfg: DiscoverConfig) -> float:
     ramp starts. From the init's distribution, not the logits, so a resumed run computes the same ramp."""
     stage = plan_stages(cfg)[0]
     scale = noise_scale(cfg, stage, 0)
-    c, a = cfg.init_mean, cfg.init_spread
+    c, a = INIT_MEAN, cfg.init_spread
     grid = c + a * torch.linspace(-1, 1, 2001) if attribution_init(cfg) else torch.tensor([c])
     return float(GATES[cfg.gate].p_keep(grid, scale).mean())  # attribution: logits uniform in c +- a
 
 
 def straight_through_taus(cfg: DiscoverConfig) -> dict[str, float]:
-    """The straight-through temperature of each mask type. Node masks (neurons, heads) are few and coarse like
-    edges: they get the edge temperature."""
-    return {"weight": cfg.tau_weight, "neuron": cfg.tau_edge, "head": cfg.tau_edge, "edge": cfg.tau_edge}
+    """The straight-through temperature of each mask type. Weight gates: DiscoGP's 0.01, except in the joint
+    schedule with annealed noise, where a 0.01 gate would have a gradient only within ~0.1 of logit 0 (measured on
+    SmolLM2/IOI: the weight masks then froze at their initial ranking and the sheaf never recovered), so 1.
+    Node masks (neurons, heads) are few and coarse like edges: they get the edge temperature, 1."""
+    annealed = cfg.schedule == "joint" and cfg.noise_final < 1.0
+    return {"weight": 1.0 if annealed else 0.01, "neuron": 1.0, "head": 1.0, "edge": 1.0}

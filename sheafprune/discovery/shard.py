@@ -44,6 +44,7 @@ from ..arch import ArchView
 from ..graph import mask_type, masked_weight_key, weight_key
 from .gates import logistic_noise
 from .masks import MaskLogits
+from .schedule import INIT_MEAN, INIT_STD
 
 SHARDED_TYPES = ("weight",)  # the model-sized mask type; the others are small and stay replicated
 
@@ -308,7 +309,7 @@ def _numel(shape: tuple[int, ...]) -> int:
 def mask_logits_for(cfg, view, shapes: Mapping[str, tuple[int, ...]], accelerator) -> MaskLogits:
     """The run's mask logits: ShardedMaskLogits (taking the model's maskable weights' rows) under `shard_masks`,
     else plain MaskLogits. Call it before moving the model to its device."""
-    kw = dict(targets=cfg.target_density, init_mean=cfg.init_mean, init_std=cfg.init_std, seed=cfg.seed)
+    kw = dict(targets=cfg.target_density, init_mean=INIT_MEAN, init_std=INIT_STD, seed=cfg.seed)
     if not cfg.shard_masks:
         return MaskLogits(shapes, **kw)
     return ShardedMaskLogits(shapes, **kw, view=view,

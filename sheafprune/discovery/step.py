@@ -24,6 +24,12 @@ from .objective import FAITH_LOSSES, FullScores, completeness, task_scores
 from .schedule import (Stage, initial_density, lr_at, noise_scale, paper_lambda, plan_stages, stage_at,
                        straight_through_taus, targets_at)
 
+# AdamW's second-moment decay: a shorter memory than 0.999, since straight-through gradients of tau = 0.01 gates are
+# rare spikes.
+ADAM_BETA2 = 0.9
+# Dual-ascent step of the density controller's multipliers (masks.py: a drift of lr * lambda).
+DUAL_LR = 1.0
+
 
 def make_optimizer(cfg: DiscoverConfig, params: MaskLogits, stage: Stage) -> torch.optim.Optimizer:
     """The optimizer of a stage, over the logits of the mask types it trains (the others stop requiring grad)."""
@@ -33,7 +39,7 @@ def make_optimizer(cfg: DiscoverConfig, params: MaskLogits, stage: Stage) -> tor
     # fused: one pass over each ~10^8-entry weight-mask tensor instead of one per elementwise op
     if cfg.optimizer == "nsgd":  # gradients normalized per type in TrainStep
         return torch.optim.SGD(trained, lr=cfg.lr, momentum=0.9, dampening=0.9, fused=True)
-    return torch.optim.AdamW(trained, lr=cfg.lr, betas=(0.9, cfg.adam_beta2), weight_decay=0.0, fused=True)
+    return torch.optim.AdamW(trained, lr=cfg.lr, betas=(0.9, ADAM_BETA2), weight_decay=0.0, fused=True)
 
 
 @torch.no_grad()
@@ -146,5 +152,5 @@ class TrainStep:
             # logits costs ~1.7 s); evaluations project exactly.
             self.params.project(targets, exact=True, sample=2_000_000, seed=self.cfg.seed * 1_000_003 + step)
         elif stage.sparsity == "controller":
-            self.params.dual_step(self.params.kept(stage.trained), targets, self.cfg.dual_lr)
+            self.params.dual_step(self.params.kept(stage.trained), targets, DUAL_LR)
             self.params.drift(stage.trained, lr)

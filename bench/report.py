@@ -148,6 +148,18 @@ def discover_table(d: dict) -> str:
                    "KL", "steps", "wall (s)", "peak RSS (GiB)", "threads"], out)
 
 
+def scaleout_table(rows: list[dict]) -> str:
+    """Data parallelism on one machine: N processes x 1 thread against 1 process x N threads, the same global
+    batch, by the median seconds per step each run recorded (ratio above 1: the single process is faster)."""
+    out = []
+    for r in rows:
+        runs = {k[:-len("_step_seconds")]: v for k, v in r.items() if k.endswith("_step_seconds")}
+        out.append([r["granularity"], r["model"], r["batch"], r["steps"],
+                    ", ".join(f"{k}: {v:.3f}" for k, v in runs.items()), f"{r['ratio']:.2f}"])
+    return _table(["granularity", "model", "global batch", "steps", "seconds / step (processes x threads)",
+                   "N x 1 / 1 x N"], out)
+
+
 def masked_forward_table(d: dict) -> str:
     """The masked forward(+backward) against the stock HF forward of the same batch."""
     return _table(["model", "batch", "tokens", "mode", "backward", "seconds", "vs HF forward", "writer stack (MB)",
@@ -174,6 +186,7 @@ SECTIONS: list[tuple[str, str, Callable[[Any], str]]] = [
     ("export_speed", "Export size and latency", export_table),
     ("generate", "Generation", generate_table),
     ("discover", "Discovery: weight+edge and staged runs", discover_table),
+    ("scaleout", "Several processes on one machine", scaleout_table),
     ("masked_forward", "Masked forward", masked_forward_table),
     ("fragility", "Fragility", fragility_table),
 ]

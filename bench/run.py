@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from bench import discover, export_speed, fragility, generate, keep, masked_forward, report, step_cost
+from bench import discover, export_speed, fragility, generate, keep, masked_forward, report, scaleout, step_cost
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -14,7 +14,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="tiny models only (minutes)")
     quick = ap.parse_args(argv).quick
     flag = ["--quick"] if quick else []
-    for bench in (step_cost, masked_forward, export_speed, generate, keep, fragility, discover):
+    for bench in (step_cost, masked_forward, export_speed, generate, keep, fragility, discover, scaleout):
         print(f"== {bench.__name__}", flush=True)
         bench.main(flag)
     print("== bench.report", flush=True)

@@ -3,7 +3,7 @@
 The reference is a plain training forward+backward of the same batch: the stock HF model with every weight
 requiring grad, the loss at the last position. Against it: one step of the keep search (head and neuron masks,
 mean ablation, KL to cached full-model scores) and one step of target-mode training at weight+edge granularity
-(the sheaf and its complement, through the writer stack). Each configuration runs in its own process, so its
+and at neuron+head+edge granularity (the sheaf and its complement, through the writer stack). Each configuration runs in its own process, so its
 peak RSS is its own; every process times `reps` steps after one warm-up and reports the median.
 
     python -m bench.step_cost --quick     # tiny-llama, seconds
@@ -24,7 +24,8 @@ from pathlib import Path
 from bench.machine import machine
 
 RESULTS = Path(__file__).parent / "results"
-MODES = ("plain", "keep", "weight+edge")
+MODES = ("plain", "keep", "weight+edge", "neuron+head+edge")
+TARGETS = {"weight+edge": "weight=0.05,edge=0.05", "neuron+head+edge": "neuron=0.2,head=0.2,edge=0.2"}
 
 
 def _one(model_name: str, mode: str, batch: int, reps: int) -> dict:
@@ -65,7 +66,7 @@ def _one(model_name: str, mode: str, batch: int, reps: int) -> dict:
         from sheafprune.discovery.loop import Trainer
 
         cfg = resolve_config(overrides={"model": model_name, "batch_size": batch, "steps": 100,
-                                        "target_density": "weight=0.05,edge=0.05"})
+                                        "target_density": TARGETS[mode]})
         view = view_of(model)
         params = mask_logits_for(cfg, view, mask_shapes(view, cfg.granularity), acc)
         trainer = Trainer(cfg=cfg, view=view, tokenizer=tok, task=task, params=params, accelerator=acc,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from sheafprune.config import GATES, INITS, SCHEDULES, DiscoverConfig, resolve_config
+from sheafprune.config import GATES, INITS, PRESETS, SCHEDULES, DiscoverConfig, resolve_config
 
 
 def add_discover_options(p: argparse.ArgumentParser, *, required: bool = True) -> None:
@@ -17,6 +17,9 @@ def add_discover_options(p: argparse.ArgumentParser, *, required: bool = True) -
     p.add_argument("--target-density", dest="target_density",
                    help="kept fraction per type, e.g. weight=0.03,edge=0.03 (default: none, search for the smallest "
                         "sheaf that keeps the task)")
+    p.add_argument("--preset", choices=list(PRESETS),
+                   help="default (the keep search) or discogp (DiscoGP's recipe: weight and edge masks, weights then "
+                        "edges); --config and flags override it")
     p.add_argument("--keep", type=float, help="the floor: share of the full model's accuracy to keep (default 0.95)")
     p.add_argument("--schedule", choices=SCHEDULES, help="joint (default) or DiscoGP's staged weights-then-edges")
     p.add_argument("--gate", choices=GATES, help="concrete (DiscoGP's, default) or sigmoid (noise-free)")
@@ -41,7 +44,8 @@ def add_discover_options(p: argparse.ArgumentParser, *, required: bool = True) -
 def config_from_args(args: argparse.Namespace) -> DiscoverConfig:
     keys = ("model", "task", "granularity", "target_density", "keep", "schedule", "gate", "init", "steps", "batch_size", "lr", "eval_every",
             "seed", "n_items", "max_minutes", "shard_masks")
-    return resolve_config(yaml_path=args.config, overrides={k: getattr(args, k, None) for k in keys})
+    return resolve_config(yaml_path=args.config, overrides={k: getattr(args, k, None) for k in keys},
+                          preset=getattr(args, "preset", None))
 
 
 def _run(args: argparse.Namespace) -> int:

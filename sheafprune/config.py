@@ -27,6 +27,15 @@ EDGE_GRADS = ("gradient", "secant")
 FAITH_LOSSES = ("ce", "margin", "kl")
 RANK_WITHIN = ("type", "tensor")
 
+# Named starting points: defaults < preset < YAML file < flags. "default" is the keep search (the smallest sheaf of
+# neurons and heads that keeps the task); "discogp" is DiscoGP's own recipe: weight and edge masks, trained in two
+# stages (weights, then edges with the weight masks frozen and applied) under the paper's sparsity schedules, with
+# its concrete gate, CE and AdamW (the defaults of those options).
+PRESETS: dict[str, dict[str, Any]] = {
+    "default": {},
+    "discogp": {"schedule": "staged", "granularity": ("weight", "edge")},
+}
+
 # Options that take one of a few names, with the names they take.
 _CHOICES = {"ablation": ABLATIONS, "gate": GATES, "control": CONTROLS, "optimizer": OPTIMIZERS, "rank_within": RANK_WITHIN,
             "faith_loss": FAITH_LOSSES, "edge_grad": EDGE_GRADS, "ramp": RAMPS, "init": INITS,
@@ -190,8 +199,10 @@ def parse_density(text: str) -> dict[str, float]:
     return out
 
 
-def resolve_config(*, yaml_path: Optional[Path] = None, overrides: Optional[Mapping[str, Any]] = None) -> DiscoverConfig:
-    """defaults < YAML file < explicit overrides (from the CLI); unknown keys raise."""
+def resolve_config(*, yaml_path: Optional[Path] = None, overrides: Optional[Mapping[str, Any]] = None,
+                   preset: Optional[str] = None) -> DiscoverConfig:
+    """defaults < preset (`preset`, else the YAML file's `preset` key, else "default") < YAML file < explicit
+    overrides (from the CLI); unknown keys and presets raise."""
     values: dict[str, Any] = {}
     if yaml_path is not None:
         try:
@@ -203,6 +214,11 @@ def resolve_config(*, yaml_path: Optional[Path] = None, overrides: Optional[Mapp
         if not isinstance(loaded, dict):
             raise UserError(f"config file {yaml_path} must be a mapping of option: value")
         values.update(loaded)
+    preset = preset or values.pop("preset", None) or "default"
+    values.pop("preset", None)
+    if preset not in PRESETS:
+        raise UserError(f"unknown preset {preset!r}; use one of {', '.join(PRESETS)}")
+    values = {**PRESETS[preset], **values}
     values.update({k: v for k, v in (overrides or {}).items() if v is not None})
     known = {f.name for f in dataclasses.fields(DiscoverConfig)}
     unknown = sorted(set(values) - known)

@@ -115,6 +115,7 @@ def test_candidates_that_tokenize_to_nothing(capsys, work, gpt2):
     (["--granularity", "weight,layer"], r"unknown granularity layer; use any of weight,neuron,head,edge"),
     (["--granularity", ","], r"unknown granularity \(empty\)"),
     (["--gate", "relu"], r"invalid choice: 'relu'"),
+    (["--preset", "paper"], r"invalid choice: 'paper'"),
     (["--steps", "many"], r"invalid int value: 'many'"),
 ])
 def test_option_values_out_of_range(capsys, work, extra, match):
@@ -138,6 +139,8 @@ def test_config_file_problems(capsys, work):
                         ("control: pid\n", r"unknown control 'pid'; use one of kept, project")]:
         (work / "opt.yaml").write_text(text)
         refused(capsys, [*base, work / "opt.yaml"], match=match, root=work)
+    (work / "preset.yaml").write_text("preset: paper\n")
+    refused(capsys, [*base, work / "preset.yaml"], match=r"unknown preset 'paper'; use one of default, discogp", root=work)
     (work / "shard.yaml").write_text("shard_masks: maybe\n")
     refused(capsys, [*base, work / "shard.yaml"], match=r"shard_masks must be true or false, got 'maybe'", root=work)
 

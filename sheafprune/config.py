@@ -214,8 +214,8 @@ def resolve_config(*, yaml_path: Optional[Path] = None, overrides: Optional[Mapp
         if not isinstance(loaded, dict):
             raise UserError(f"config file {yaml_path} must be a mapping of option: value")
         values.update(loaded)
-    preset = preset or values.pop("preset", None) or "default"
-    values.pop("preset", None)
+    named_in_file = values.pop("preset", None)
+    preset = preset or named_in_file or "default"
     if preset not in PRESETS:
         raise UserError(f"unknown preset {preset!r}; use one of {', '.join(PRESETS)}")
     values = {**PRESETS[preset], **values}

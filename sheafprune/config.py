@@ -20,27 +20,23 @@ ABLATIONS = ("mean", "zero")
 GATES = ("concrete", "sigmoid")
 SCHEDULES = ("joint", "staged")
 INITS = ("attribution", "constant")
-CONTROLS = ("kept", "project")
-RAMPS = ("linear", "cubic")
-OPTIMIZERS = ("adamw", "nsgd")
 EDGE_GRADS = ("gradient", "secant")
-FAITH_LOSSES = ("ce", "margin", "kl")
+FAITH_LOSSES = ("ce", "margin")
 RANK_WITHIN = ("type", "tensor")
 
 # Named starting points: defaults < preset < YAML file < flags. "default" is the keep search (the smallest sheaf of
 # neurons and heads that keeps the task); "discogp" is DiscoGP's own recipe: weight and edge masks, trained in two
 # stages (weights, then edges with the weight masks frozen and applied) under the paper's sparsity schedules, with
-# its concrete gate, CE and AdamW (the defaults of those options).
+# its concrete gate, CE and AdamW (the staged schedule's optimizer).
 PRESETS: dict[str, dict[str, Any]] = {
     "default": {},
     "discogp": {"schedule": "staged", "granularity": ("weight", "edge")},
 }
 
 # Options that take one of a few names, with the names they take.
-_CHOICES = {"ablation": ABLATIONS, "gate": GATES, "control": CONTROLS, "optimizer": OPTIMIZERS, "rank_within": RANK_WITHIN,
-            "faith_loss": FAITH_LOSSES, "edge_grad": EDGE_GRADS, "ramp": RAMPS, "init": INITS,
-            "schedule": SCHEDULES}
-_FLOATS = ("keep", "lr", "lambda_complete", "warmup", "noise_start", "noise_final", "init_spread")
+_CHOICES = {"ablation": ABLATIONS, "gate": GATES, "rank_within": RANK_WITHIN, "faith_loss": FAITH_LOSSES,
+            "edge_grad": EDGE_GRADS, "init": INITS, "schedule": SCHEDULES}
+_FLOATS = ("keep", "lr", "lambda_complete", "noise_start", "noise_final", "init_spread")
 
 
 @dataclass(frozen=True)
@@ -62,39 +58,22 @@ class DiscoverConfig:
     gate: str = "concrete"
     steps: int = 300  # optimizer steps (each stage gets all of them in "staged")
     batch_size: int = 32  # global batch, split across processes
-    lr: float = 0.1  # AdamW on mask logits
-    # Joint schedule: after the density ramp, the lr decays linearly to lr_final by the last step (None = constant),
-    # so the sheaf stops churning at the target: at lr 0.1 a step moves ~0.1 of the logits packed near 0 across it.
-    lr_final: Optional[float] = None
-    # "adamw" (DiscoGP's); "nsgd": SGD with EMA momentum on gradients divided by their RMS over the whole mask
-    # type, so a logit moves in proportion to its gradient (AdamW normalizes each entry by its own history: one
-    # spike of any size moves a logit by ~6 lr).
-    optimizer: str = "adamw"
+    # Learning rate of the mask logits. In the joint schedule it decays linearly after the density ramp to a tenth
+    # by the last step (schedule.lr_at), so the sheaf stops churning at the target.
+    lr: float = 0.1
     # What the edge masks' straight-through estimator uses for dL/dmask: "gradient", autograd's (DiscoGP's), or
     # "secant", the loss change of flipping the edge taken exactly through its reader's norm and to first order
     # after it (masked.flip_effects): a writer that dominates its reader's input has a gradient of ~0 at mask 1
     # (the norm undoes its scaling) yet breaks the reader when zero-ablated.
     edge_grad: str = "gradient"
-    # How the density follows the target: "kept", a dual-ascent multiplier on the deterministic sheaf's density
-    # (logit > 0, discovery/masks.py); "project" has no multiplier: after every step each type's logits are shifted so the sheaf keeps exactly the ramp's
-    # density (top-k by logit).
-    control: str = "kept"
     lambda_complete: float = 1.0  # weight of the completeness loss
     # Faithfulness loss of training: "ce" (DiscoGP's CE over the candidates), "margin" (minus the right answer's logit
-    # margin over the others, objective.margin_loss: it does not saturate) or "kl" (KL from the full model's
-    # distribution over the candidates, objective.kl_to_full). The attribution init scores with the CE under "kl",
-    # whose gradient is zero at the full model.
+    # margin over the others, objective.margin_loss: it does not saturate on a sheaf surer than the full model).
     faith_loss: str = "ce"
-    # Draw training items so that, within each candidate set, every right answer is drawn equally often
-    # (tasks.answer_weights), and pick the best sheaf / stop early on the answer-balanced dev accuracy: a sheaf
-    # that only prefers some answer tokens whatever the prompt then gains nothing in training or in selection.
-    balance_answers: bool = False
-    warmup: float = 0.6  # fraction of steps over which the density target ramps from 1 down to its value
-    ramp: str = "linear"  # shape of that ramp: "linear" or "cubic" (fast first, slow near the target)
-    # Joint schedule: the gate's noise scale anneals from noise_start to noise_final over the warmup, so the masks
-    # trained on become the deterministic sheaf that is evaluated and exported (gates.py). 1 = DiscoGP's gate.
+    # Joint schedule: the gate's noise scale anneals from noise_start to noise_final over the density ramp, so the
+    # masks trained on come closer to the deterministic sheaf that is evaluated and exported (gates.py). 1 = DiscoGP's.
     noise_start: float = 1.0
-    noise_final: float = 1.0
+    noise_final: float = 0.25
     # Joint schedule: "attribution" spreads the initial logits over 1 +- init_spread by the rank of each entry's
     # |dLoss/dmask| on the full model (discovery/attribution.py), so the first entries the controller removes are
     # the least used ones, not random ones; "constant" is DiscoGP's N(1, 0.01) (always used by the staged preset).
@@ -106,11 +85,6 @@ class DiscoverConfig:
     # between 38% and 26% kept; with per-tensor ranks and faith_loss margin they held to 5% (docs/weight-edge-experiments.md).
     rank_within: str = "type"
     n_items: Optional[int] = None  # task size where the task generates items (ioi)
-    # Items carved from the end of the train split (tasks.hold_out) that training never sees: a sheaf that might
-    # beat the best so far on dev is also scored on them, and the best sheaf and early stopping are judged on dev
-    # and these together. 0 = dev alone (100 items in BLiMP, 50 in IOI: one standard error ~0.05-0.07, and a
-    # an anaphor run stopped on a dev reading of 0.87 that scored 0.72 on test).
-    select_items: int = 0
     eval_every: int = 10
     checkpoint_every: int = 50
     early_stop: bool = True  # stop once every target is met and dev accuracy holds
@@ -132,7 +106,7 @@ class DiscoverConfig:
                 raise UserError(f"--target-density names {t!r}, which is not in --granularity {','.join(self.granularity)}")
             if isinstance(d, bool) or not isinstance(d, (int, float)) or not (0.0 < d <= 1.0):
                 raise UserError(f"target density {t}={d} is outside (0, 1]; give the kept fraction, e.g. {t}=0.05")
-        for name in ("shard_masks", "balance_answers", "early_stop"):
+        for name in ("shard_masks", "early_stop"):
             if not isinstance(getattr(self, name), bool):
                 raise UserError(f"{name} must be true or false, got {getattr(self, name)!r}")
         for name, allowed in _CHOICES.items():
@@ -146,16 +120,11 @@ class DiscoverConfig:
                 raise UserError(f"--{name.replace('_', '-')} must be an integer, got {value!r}")
             if value <= 0 and name != "seed":
                 raise UserError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
-        if isinstance(self.select_items, bool) or not isinstance(self.select_items, int) or self.select_items < 0:
-            raise UserError(f"select_items must be a non-negative integer, got {self.select_items!r}")
         # `not x > 0`, not `x <= 0`: NaN is neither, and a NaN learning rate or temperature poisons the run.
         for name in _FLOATS:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise UserError(f"--{name.replace('_', '-')} must be a finite number, got {value!r}")
-        if self.lr_final is not None and (isinstance(self.lr_final, bool) or not isinstance(self.lr_final, (int, float))
-                                          or not 0.0 <= self.lr_final <= self.lr):
-            raise UserError(f"lr_final must be a number in [0, lr={self.lr}], got {self.lr_final!r}")
         for name in ("lr", "init_spread"):
             if not getattr(self, name) > 0:
                 raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
@@ -170,8 +139,6 @@ class DiscoverConfig:
         if self.searches and set(self.granularity) - {"neuron", "head"}:
             raise UserError(f"--granularity {','.join(self.granularity)} needs --target-density (e.g. weight=0.05,"
                             "edge=0.05): without targets the keep search learns neuron and head masks")
-        if not (0.0 <= self.warmup <= 1.0):
-            raise UserError(f"warmup must be in [0, 1], got {self.warmup}")
 
     @property
     def searches(self) -> bool:

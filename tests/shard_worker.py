@@ -10,7 +10,7 @@ from sheafprune.discovery.masks import MaskLogits
 from sheafprune.discovery.shard import RowShards, ShardedMaskLogits
 
 SHAPES = {"w/a": (7, 5), "w/b": (3,), "w/c": (1, 4), "edge/0/q": (5, 4), "edge/out": (9,)}
-KW = dict(targets={"weight": 0.2, "edge": 0.5}, init_mean=0.5, init_std=1.0, seed=0)
+KW = dict(init_mean=0.5, init_std=1.0, seed=0)
 
 
 def same(what: str, full: dict, got: dict, tol: float = 0.0) -> None:

@@ -134,9 +134,9 @@ def test_config_file_problems(capsys, work):
     refused(capsys, [*base, work / "neg.yaml"], match=r"--checkpoint-every must be a positive integer", root=work)
     (work / "type.yaml").write_text("steps: lots\n")
     refused(capsys, [*base, work / "type.yaml"], match=r"steps", root=work)
-    for text, match in [("lr_final: 0.5\n", r"lr_final must be a number in \[0, lr=0.1\]"),
-                        ("ramp: quadratic\n", r"unknown ramp 'quadratic'; use one of linear, cubic"),
-                        ("control: pid\n", r"unknown control 'pid'; use one of kept, project")]:
+    for text, match in [("noise_final: 1.5\n", r"noise_final must be in \(0, 1\], got 1.5"),
+                        ("faith_loss: kl\n", r"unknown faith_loss 'kl'; use one of ce, margin"),
+                        ("control: project\n", r"unknown config key\(s\) control; known: ")]:
         (work / "opt.yaml").write_text(text)
         refused(capsys, [*base, work / "opt.yaml"], match=match, root=work)
     (work / "preset.yaml").write_text("preset: paper\n")

@@ -12,7 +12,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "bench" / "configs"
 LOAD = "import json\nfrom bench.discover import load_runs\nprint(json.dumps(load_runs()))\n"
-JOINT = ["--granularity", "weight,edge", "--target-density", "weight=0.05,edge=0.05", "--steps", "100",
+JOINT = ["--granularity", "weight,edge", "--target-density", "weight=0.05,edge=0.05", "--steps", "150",
          "--batch-size", "16", "--eval-every", "5", "--max-minutes", "30"]
 
 
@@ -24,18 +24,16 @@ def runs() -> dict[str, dict[str, list[str]]]:
 
 
 def test_runs_file_gives_each_run_its_arguments(runs):
-    assert list(runs["full"]) == [
-        "ioi-joint", "anaphor-joint", "capitals-joint", "sentence-joint", "anaphor-nsgd", "anaphor-balanced",
-        "ioi-select", "ioi-nsgd", "ioi-sharp", "ioi-secant", "ioi-joint-secant", "anaphor-secant", "ioi-sigmoid",
-        "anaphor-sigmoid", "capitals-sigmoid", "sentence-sigmoid", "ioi-staged"]
+    assert list(runs["full"]) == ["ioi-joint", "anaphor-joint", "capitals-joint", "sentence-joint", "ioi-sigmoid",
+                                  "sentence-sigmoid", "ioi-staged"]
     assert list(runs["quick"]) == ["tiny-joint", "tiny-staged"]
     assert runs["full"]["ioi-joint"] == ["--model", "smollm2-135m", "--task", "ioi", *JOINT]
     # A run's own options come after the shared set (a repeated --steps wins), its config file last.
-    assert runs["full"]["ioi-select"] == ["--model", "smollm2-135m", "--task", "ioi", *JOINT, "--steps", "150",
-                                          "--n-items", "1000", "--config", str(CONFIGS / "ioi-select.yaml")]
-    assert runs["full"]["ioi-staged"] == ["--model", "smollm2-135m", "--task", "ioi", "--schedule", "staged",
-                                          "--granularity", "weight,edge", "--steps", "50", "--batch-size", "16",
-                                          "--eval-every", "5", "--max-minutes", "30"]
+    assert runs["full"]["ioi-sigmoid"] == ["--model", "smollm2-135m", "--task", "ioi", *JOINT, "--steps", "130",
+                                           "--config", str(CONFIGS / "ioi-sigmoid.yaml")]
+    assert runs["full"]["ioi-staged"] == ["--model", "smollm2-135m", "--task", "ioi", "--preset", "discogp",
+                                          "--steps", "75", "--batch-size", "16", "--eval-every", "5",
+                                          "--max-minutes", "30"]
     assert runs["quick"]["tiny-joint"] == ["--model", "tiny-gpt2", "--task", "ioi", "--steps", "60", "--batch-size",
                                            "16", "--target-density", "weight=0.2,edge=0.2"]
 
@@ -43,6 +41,6 @@ def test_runs_file_gives_each_run_its_arguments(runs):
 def test_every_config_file_a_run_names_exists(runs):
     configs = [argv[i + 1] for table in runs.values() for argv in table.values()
                for i, a in enumerate(argv) if a == "--config"]
-    assert len(configs) == 12
+    assert len(configs) == 2
     missing = [c for c in configs if not Path(c).is_file()]
     assert not missing, missing

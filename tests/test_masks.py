@@ -60,7 +60,7 @@ def test_sigmoid_gate_is_the_concrete_keep_probability_with_its_exact_gradient(s
     assert torch.autograd.gradcheck(lambda x: fn.sample(x, None, 0.01, scale), (logits,))
     from sheafprune.discovery.masks import MaskLogits
 
-    params = MaskLogits({"edge/0/q": (3, 4)}, targets={"edge": 0.5}, init_mean=0.5, init_std=1.0, seed=0)
+    params = MaskLogits({"edge/0/q": (3, 4)}, init_mean=0.5, init_std=1.0, seed=0)
     draws = [params(trained=("edge",), gate="sigmoid", taus={"edge": 1.0}, noise_seed=s, noise_scale=scale)[0]
              for s in (1, 2)]
     assert torch.equal(draws[0]["edge/0/q"], draws[1]["edge/0/q"]), "the sigmoid gate's masks depend on the noise seed"
@@ -87,7 +87,7 @@ def test_attribution_init_ranks_logits_by_score():
     from sheafprune.discovery.masks import MaskLogits
 
     shapes = {"w/a": (50, 40), "w/b": (30,), "edge/0/q": (3, 4)}
-    params = MaskLogits(shapes, targets={}, init_mean=1.0, init_std=0.01, seed=0)
+    params = MaskLogits(shapes, init_mean=1.0, init_std=0.01, seed=0)
     g = torch.Generator().manual_seed(1)
     scores = {k: torch.rand(s, generator=g) * (10.0 if k == "w/b" else 1.0) for k, s in shapes.items()}
     params.init_from_scores(scores, center=1.0, spread=2.0, seed=0)
@@ -114,7 +114,7 @@ def test_rank_within_tensor_ranks_and_normalizes_each_tensor_on_its_own():
     scores = {"w/q": torch.rand(shapes["w/q"], generator=g) * 1e-3, "w/v": torch.rand(shapes["w/v"], generator=g)}
     spans = {}
     for within in ("type", "tensor"):
-        params = MaskLogits(shapes, targets={}, init_mean=1.0, init_std=0.0, seed=0)
+        params = MaskLogits(shapes, init_mean=1.0, init_std=0.0, seed=0)
         params.init_from_scores(scores, center=1.0, spread=1.0, seed=0, within=within)
         spans[within] = {k: (round(float(v.min()), 2), round(float(v.mean()), 2), round(float(v.max()), 2))
                          for k, v in params.named_logits().items()}
@@ -132,7 +132,7 @@ def test_projection_holds_the_target_exactly():
     from sheafprune.discovery.masks import MaskLogits
 
     shapes = {"w/a": (40, 25), "w/b": (77,), "edge/0/q": (5, 4), "edge/out": (9,)}
-    params = MaskLogits(shapes, targets={}, init_mean=0.5, init_std=1.0, seed=0)
+    params = MaskLogits(shapes, init_mean=0.5, init_std=1.0, seed=0)
     before = {k: v.detach().clone() for k, v in params.named_logits().items()}
     shifts = params.project({"weight": 0.1, "edge": 0.9})
     kept = params.kept(("weight", "edge"))
@@ -146,7 +146,7 @@ def test_exact_projection_raises_a_type_kept_below_its_target_and_sampling_lands
     from sheafprune.discovery.masks import MaskLogits
 
     shapes = {"w/a": (300, 200), "w/b": (777,), "edge/0/q": (5, 4)}
-    params = MaskLogits(shapes, targets={}, init_mean=-2.0, init_std=1.0, seed=0)  # ~2% kept
+    params = MaskLogits(shapes, init_mean=-2.0, init_std=1.0, seed=0)  # ~2% kept
     shifts = params.project({"weight": 0.25, "edge": 0.5}, exact=True)
     kept = params.kept(("weight", "edge"))
     assert shifts["weight"] < 0 and kept == {"weight": int(0.25 * 60777) / 60777, "edge": 0.5}, (shifts, kept)

@@ -33,9 +33,9 @@ from sheafprune.errors import UserError
 
 # Small but not trivial: masks move (lr 0.5), the target is met early so the best-sheaf tracking is exercised,
 # checkpoints and dev evaluations come every other step, and a run takes ~1 s. Edge masks only: weight masks would
-# double the cost and add nothing to what resuming must restore (logits, multipliers, optimizer, best, curve).
+# double the cost and add nothing to what resuming must restore (logits, optimizer, best, curve).
 CONFIG = dict(model="tiny-gpt2", task="ioi", n_items=20, steps=5, batch_size=2, eval_every=2, checkpoint_every=2,
-              lr=0.5, warmup=0.3, granularity=["edge"], target_density={"edge": 0.9}, early_stop=False, seed=3)
+              lr=0.5, granularity=["edge"], target_density={"edge": 0.9}, early_stop=False, seed=3)
 
 
 def masks_of(folder: Path) -> dict[str, torch.Tensor]:
@@ -100,7 +100,7 @@ def _interrupt_once(monkeypatch, owner, name: str, *, at_call: int, before: bool
 # Where Ctrl-C lands: (what is patched, call number, before/after the real call). Steps are 0-based; step 3 is the
 # fourth optimizer step, evaluated and checkpointed at its end. Ctrl-C in a forward pass is the next test.
 POINTS = {
-    "between optimizer step and dual step of step 3": (MaskLogits, "dual_step", 4, True),
+    "between the optimizer step and the projection of a training step": (MaskLogits, "project", 5, False),
     "dev evaluation after step 4": (RankData, "split_scores", 2, True),
     "writing the checkpoint of step 4": (ckpt, "save_file", 2, False),
 }

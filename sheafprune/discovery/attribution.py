@@ -34,8 +34,7 @@ def init_logits(*, cfg: DiscoverConfig, view: ArchView, params: MaskLogits, data
     for b in tqdm(range(INIT_BATCHES), desc="attribution", disable=not progress, leave=False):
         batch = data.local_batch(b)
         scores = task_scores(view, batch, params.for_forward(ones), edge_grad=cfg.edge_grad)
-        init_loss = "ce" if cfg.faith_loss == "kl" else cfg.faith_loss  # KL's gradient is 0 here
-        FAITH_LOSSES[init_loss](scores, batch.target, None).backward()
+        FAITH_LOSSES[cfg.faith_loss](scores, batch.target).backward()
     scores = {}
     for k, m in ones.items():
         g = m.grad if m.grad is not None else torch.zeros_like(m)

@@ -45,16 +45,16 @@ class RankData:
         self.params, self.acc = params, accelerator
         self.device = accelerator.device
         # Answer-balanced weights of each split (None where no candidate set has a skewed answer): the training
-        # sampler uses them with cfg.balance_answers; dev and test metrics always report the balanced accuracy.
+        # sampler draws by them, so every right answer of a candidate set is drawn equally often and a fixed answer
+        # preference gains nothing (as in the keep search); dev and test metrics report the balanced accuracy.
         # Dev and test are measured without the candidate sets that have one right answer: a fixed order scores chance.
         self.answer_weights = {split: answer_weights(task.items(split), measure=split != "train")
                                for split in task.splits}
 
     def local_indices(self, step: int) -> list[int]:
         """This rank's training items of global step `step`."""
-        weights = self.answer_weights["train"] if self.cfg.balance_answers else None
         idx = batch_indices(step, n=len(self.task.items("train")), size=self.cfg.batch_size, seed=self.cfg.seed,
-                            weights=weights)
+                            weights=self.answer_weights["train"])
         per = self.cfg.batch_size // self.acc.num_processes
         return idx[self.acc.process_index * per:(self.acc.process_index + 1) * per]
 

@@ -27,7 +27,6 @@ from . import state
 from .attribution import init_logits
 from .data import RankData
 from .masks import MaskLogits
-from .objective import FullScores
 from .schedule import plan_stages, stage_at, targets
 from .select import Selection
 from .step import TrainStep, make_optimizer
@@ -51,9 +50,8 @@ class Trainer:
         self.elapsed = 0.0
         self.optimizer = make_optimizer(cfg, params, self.stages[0])
         self.data = RankData(cfg=cfg, view=view, tokenizer=tokenizer, task=task, params=params, accelerator=accelerator)
-        full_scores = FullScores(view, task, tokenizer, device=accelerator.device)
-        self.one_step = TrainStep(cfg=cfg, view=view, params=params, data=self.data, full_scores=full_scores,
-                                  accelerator=accelerator, work_dir=work_dir)
+        self.one_step = TrainStep(cfg=cfg, view=view, params=params, data=self.data, accelerator=accelerator,
+                                  work_dir=work_dir)
         self.select = Selection(cfg=cfg, params=params, data=self.data, stages=self.stages)
 
     def init_logits(self) -> None:

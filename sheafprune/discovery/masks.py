@@ -1,19 +1,9 @@
-"""The only trained parameters: one logit per mask entry, and the Lagrange multipliers of the density
-controller. The frozen model is never part of this module, so data-parallel training all-reduces
-just the logits' gradients and every rank holds identical masks.
+"""The only trained parameters: one logit per mask entry. The frozen model is never part of this module, so
+data-parallel training all-reduces just the logits' gradients and every rank holds identical masks.
 
-Density controller (a Lagrangian for the inequality d_t <= rho_t, acting as a decoupled drift): for each mask
-type t with a target rho_t, a multiplier lambda_t >= 0 is raised by dual ascent after every step,
-lambda_t <- lambda_t + DUAL_LR * (d_t - rho_t) (step.py) while d_t > rho_t and 0 otherwise. d_t is the kept fraction of
-the deterministic sheaf (logit > 0), the density that is reported. It is a step function of the logits (they start
-nearly equal: it falls from 100% to ~20% within a few steps), and with DiscoGP's noise the masks trained on stay
-several times denser than the sheaf (SmolLM2/IOI: 21-30% sampled vs 5% kept).
-Near the target the integral reacts slowly (the sheaf hovered 10-20% above a 5% target), so after the ramp the
-sheaf is projected onto the target before each evaluation (`project`).
-The multiplier acts on the logits as a drift, logit <- logit - lr * lambda_t after the optimizer step (like
-AdamW's decoupled weight decay), not through the loss: Adam's per-entry normalization would otherwise scale
-the pull by the rare, huge straight-through gradients of tau = 0.01 gates, and the density stalls far above
-the target. The task loss (through Adam, at most ~lr per step) keeps what the task needs; the rest drifts down.
+Density: in the joint schedule every step ends with a projection (`project`): each targeted type's logits are shifted
+uniformly so the deterministic sheaf (logit > 0) keeps exactly the density the ramp sets (top-k by logit). The
+staged preset instead weighs an expected-density loss by DiscoGP's sparsity schedule (schedule.paper_lambda).
 """
 
 from __future__ import annotations
@@ -28,16 +18,13 @@ from .gates import GATES, deterministic, logistic_noise
 
 
 class MaskLogits(nn.Module):
-    def __init__(self, shapes: Mapping[str, tuple[int, ...]], *, targets: Mapping[str, float], init_mean: float,
-                 init_std: float, seed: int):
+    def __init__(self, shapes: Mapping[str, tuple[int, ...]], *, init_mean: float, init_std: float, seed: int):
         super().__init__()
         self.keys = list(shapes)
         self.shapes = {k: tuple(s) for k, s in shapes.items()}  # of the whole masks
         g = torch.Generator().manual_seed(seed)
         self.logits = nn.ParameterList(
             [nn.Parameter(torch.randn(shapes[k], generator=g) * init_std + init_mean) for k in self.keys])
-        self.target_types = [t for t in ("weight", "neuron", "head", "edge") if t in targets]
-        self.register_buffer("multipliers", torch.zeros(len(self.target_types)))  # (types,) lambda_t
 
     def named_logits(self) -> dict[str, Tensor]:
         return dict(zip(self.keys, self.logits))
@@ -89,7 +76,7 @@ class MaskLogits(nn.Module):
         (`within` "type"), or of its own tensor ("tensor": one weight matrix, one reader group of edges).
 
         Ranks, not raw scores: attribution magnitudes differ by orders of magnitude between matrices and
-        types, and the controller's uniform drift then removes entries in rank order unless training
+        types, and the projection's uniform shift then removes entries in rank order unless training
         reorders them (Adam moves a logit by up to ~lr per step, so a spread of 1 is undone in ~20 steps).
         """
         g = torch.Generator().manual_seed(seed)
@@ -117,10 +104,8 @@ class MaskLogits(nn.Module):
                 seed: int = 0) -> dict[str, float]:
         """Shift each type's logits uniformly so floor(target * n) of them stay > 0; returns the shift per type.
 
-        By default only a type kept above its target is shifted (down): the controller's integral only reacts to a
-        small gap slowly (it hovered 10-20% above a 5% target on SmolLM2), so the evaluated sheaf is projected onto
-        the constraint, the same uniform shift as the drift, just exact. `exact` also shifts a type kept below
-        its target up (control "project" holds the kept fraction on the ramp at every step). `sample`: estimate
+        By default only a type kept above its target is shifted (down); `exact` also shifts a type kept below its
+        target up (the joint schedule holds the kept fraction on the ramp at every step). `sample`: estimate
         the threshold from that many entries drawn with `seed` instead of all of them (kthvalue over SmolLM2's
         134M weight logits takes ~1.7 s; the kept fraction is then within ~0.02% of the target at 5%).
         """
@@ -199,24 +184,6 @@ class MaskLogits(nn.Module):
         """Kept fraction of the deterministic masks (logit > 0) per mask type."""
         counts, total = self._kept_counts(types)
         return {t: counts[t] / total[t] for t in counts}
-
-    @torch.no_grad()
-    def drift(self, types: tuple[str, ...], lr: float) -> None:
-        """logit <- logit - lr * lambda_t for every targeted type t being trained."""
-        lam = {t: float(self.multipliers[i]) for i, t in enumerate(self.target_types)}
-        for key, logit in zip(self.keys, self.logits):
-            t = mask_type(key)
-            if t in types and lam.get(t, 0.0) > 0:
-                logit.sub_(lr * lam[t])
-
-    @torch.no_grad()
-    def dual_step(self, density: Mapping[str, float], targets: Mapping[str, float], lr: float) -> None:
-        """One dual-ascent step from the sheaf's kept density (see the module doc)."""
-        for i, t in enumerate(self.target_types):
-            if t in density and t in targets:
-                gap = density[t] - targets[t]
-                # Reset once met: an integral that only decays slowly would keep pruning far past the target.
-                self.multipliers[i] = float(self.multipliers[i]) + lr * gap if gap > 0 else 0.0
 
     # Hooks for sharded training (shard.ShardedMaskLogits overrides them; here every rank holds everything).
     sharded: frozenset = frozenset()  # keys whose logits are row shards (their gradients are already global means)

@@ -6,8 +6,8 @@ name and never calls a module's forward, and FSDP all-gathers a module's weights
 so under FSDP the forward would read empty shards. Instead, with N processes:
 
 - every weight-mask logits tensor `w/<name>` lives on each rank only as its contiguous dim-0 row shard (`shard_rows`:
-  torch.tensor_split's rule), and so do its gradient and its two AdamW moments: the four model-sized tensors of a
-  weight-masked run shrink to 1/N per rank. The frozen weight `<name>` it gates is replaced in the model by the same
+  torch.tensor_split's rule), and so do its gradient and its optimizer state (nsgd's momentum; AdamW's two moments in the staged preset):
+  the model-sized tensors of a weight-masked run shrink to 1/N per rank. The frozen weight `<name>` it gates is replaced in the model by the same
   rows (for every maskable weight, also when weights are not masked), so a rank holds 1/N of the attention and MLP
   weights too. Embeddings, unembedding and norms stay replicated, and so do the small masks (neuron, head, edge).
 - for a forward, each rank computes `W_shard * mask_shard` and all-gathers the full masked weight per tensor
@@ -22,7 +22,7 @@ so under FSDP the forward would read empty shards. Instead, with N processes:
   density in the loss, the exact top-k threshold of the projection (a bisection over float32's order on all-reduced
   counts: the same value kthvalue gives, without gathering the logits), its sampled variant and the attribution
   init's quantiles (the same global entries, each sent by the rank that holds it).
-- checkpoints keep the unsharded format: logits, best logits and AdamW moments are gathered and the main process
+- checkpoints keep the unsharded format: logits, best logits and optimizer state are gathered and the main process
   writes them; resume slices them. So a sharded run resumes an unsharded run's checkpoint and vice versa, with any
   number of processes.
 
@@ -175,9 +175,9 @@ class ShardedMaskLogits(MaskLogits):
     logits are sharded).
     """
 
-    def __init__(self, shapes: Mapping[str, tuple[int, ...]], *, targets: Mapping[str, float], init_mean: float,
-                 init_std: float, seed: int, view: Optional[ArchView], shards: RowShards):
-        super().__init__(shapes, targets=targets, init_mean=init_mean, init_std=init_std, seed=seed)
+    def __init__(self, shapes: Mapping[str, tuple[int, ...]], *, init_mean: float, init_std: float, seed: int,
+                 view: Optional[ArchView], shards: RowShards):
+        super().__init__(shapes, init_mean=init_mean, init_std=init_std, seed=seed)
         self.shards, self.view = shards, view
         self.sharded = frozenset(k for k in self.keys if mask_type(k) in SHARDED_TYPES)
         # The full init was drawn above in the one-process order; keep this rank's rows of it.
@@ -309,7 +309,7 @@ def _numel(shape: tuple[int, ...]) -> int:
 def mask_logits_for(cfg, view, shapes: Mapping[str, tuple[int, ...]], accelerator) -> MaskLogits:
     """The run's mask logits: ShardedMaskLogits (taking the model's maskable weights' rows) under `shard_masks`,
     else plain MaskLogits. Call it before moving the model to its device."""
-    kw = dict(targets=cfg.target_density, init_mean=INIT_MEAN, init_std=INIT_STD, seed=cfg.seed)
+    kw = dict(init_mean=INIT_MEAN, init_std=INIT_STD, seed=cfg.seed)
     if not cfg.shard_masks:
         return MaskLogits(shapes, **kw)
     return ShardedMaskLogits(shapes, **kw, view=view,
@@ -317,7 +317,7 @@ def mask_logits_for(cfg, view, shapes: Mapping[str, tuple[int, ...]], accelerato
 
 
 def footprint(params: MaskLogits, optimizer: torch.optim.Optimizer, view) -> dict[str, Any]:
-    """Elements this rank holds: all mask logits, the weight-mask logits alone, the logits' gradients, the AdamW
+    """Elements this rank holds: all mask logits, the weight-mask logits alone, the logits' gradients, the optimizer
     state, and the maskable model weights (what sharding divides by N); and the process's peak memory so far (host
     RSS; on CUDA also the peak allocated by torch)."""
     import resource

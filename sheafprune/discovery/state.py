@@ -91,10 +91,9 @@ def load_latest(work_dir: Path) -> Optional[tuple[dict[str, Tensor], dict, dict]
 
 
 def checkpoint(t: Trainer) -> None:
-    """Save the trainer's state: logits, multipliers, best sheaf, optimizer, curve (a collective where sharded)."""
+    """Save the trainer's state: logits, best sheaf, optimizer, curve (a collective where sharded)."""
     # Sharded logits are gathered (every rank takes part), so a checkpoint always holds the full state.
     tensors = {f"logits/{k}": v for k, v in t.params.gather_full(t.params.named_logits()).items()}
-    tensors["multipliers"] = t.params.multipliers
     best = t.select.best
     if best is not None:
         tensors.update({f"best/{k}": v for k, v in t.params.gather_full(best["logits"]).items()})
@@ -124,7 +123,6 @@ def resume(t: Trainer) -> bool:
         mine = t.params.local({k: tensors[f"logits/{k}"] for k in t.params.keys})
         for k, p in t.params.named_logits().items():
             p.copy_(mine[k])
-        t.params.multipliers.copy_(tensors["multipliers"])
     t.step, t.curve, t.elapsed = int(info["step"]), list(info["curve"]), float(info["elapsed"])
     if info.get("best") is not None:
         best = t.params.local({k[5:]: v for k, v in tensors.items() if k.startswith("best/")})

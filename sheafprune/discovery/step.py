@@ -1,5 +1,5 @@
 """One training step of the mask logits: sample masks, score the task with the sheaf and its complement, step the
-logits, then move the density toward its target (the controller's dual step and drift, or a projection).
+logits, then project each targeted type onto the ramp's density (top-k by logit).
 
 Data parallelism: every rank draws the same masks (noise seeded by the step), scores its own slice of the global
 batch, and gradients are all-reduced (mean) before the step, so N processes compute what one process computes on
@@ -20,26 +20,34 @@ from ..errors import RunFailed
 from ..graph import mask_type
 from .data import RankData
 from .masks import MaskLogits, deterministic_masks, rank_group
-from .objective import FAITH_LOSSES, FullScores, completeness, task_scores
+from .objective import FAITH_LOSSES, completeness, task_scores
 from .schedule import (Stage, initial_density, lr_at, noise_scale, paper_lambda, plan_stages, stage_at,
                        straight_through_taus, targets_at)
 
-# AdamW's second-moment decay: a shorter memory than 0.999, since straight-through gradients of tau = 0.01 gates are
-# rare spikes.
+# AdamW's second-moment decay (the staged preset): a shorter memory than 0.999, since straight-through gradients of
+# tau = 0.01 gates are rare spikes.
 ADAM_BETA2 = 0.9
-# Dual-ascent step of the density controller's multipliers (masks.py: a drift of lr * lambda).
-DUAL_LR = 1.0
 
 
 def make_optimizer(cfg: DiscoverConfig, params: MaskLogits, stage: Stage) -> torch.optim.Optimizer:
-    """The optimizer of a stage, over the logits of the mask types it trains (the others stop requiring grad)."""
+    """The optimizer of a stage, over the logits of the mask types it trains (the others stop requiring grad).
+
+    The joint schedule: SGD with EMA momentum on gradients divided by their RMS over the mask type or tensor
+    (`normalized`, "nsgd"), so a logit moves in proportion to its gradient; AdamW normalizes each entry by its own
+    history, so one spike of any size moves a logit by ~6 lr, and the sheaf churns. Both recipes that kept a task
+    at 5%/5% on SmolLM2 used it (docs/weight-edge-experiments.md). The staged preset: DiscoGP's AdamW."""
     for key, p in params.named_logits().items():
         p.requires_grad_(mask_type(key) in stage.trained)
     trained = [p for p in params.named_logits().values() if p.requires_grad]
     # fused: one pass over each ~10^8-entry weight-mask tensor instead of one per elementwise op
-    if cfg.optimizer == "nsgd":  # gradients normalized per type in TrainStep
+    if normalized(stage):
         return torch.optim.SGD(trained, lr=cfg.lr, momentum=0.9, dampening=0.9, fused=True)
     return torch.optim.AdamW(trained, lr=cfg.lr, betas=(0.9, ADAM_BETA2), weight_decay=0.0, fused=True)
+
+
+def normalized(stage: Stage) -> bool:
+    """Whether the stage's optimizer takes RMS-normalized gradients (nsgd: the joint schedule)."""
+    return stage.sparsity == "controller"
 
 
 @torch.no_grad()
@@ -73,8 +81,8 @@ class TrainStep:
     """Call with the global step and the optimizer: trains one step, returns its row of the training curve."""
 
     def __init__(self, *, cfg: DiscoverConfig, view: ArchView, params: MaskLogits, data: RankData,
-                 full_scores: FullScores, accelerator, work_dir: Path):
-        self.cfg, self.view, self.params, self.data, self.full_scores = cfg, view, params, data, full_scores
+                 accelerator, work_dir: Path):
+        self.cfg, self.view, self.params, self.data = cfg, view, params, data
         self.acc, self.work_dir = accelerator, work_dir
         self.stages = plan_stages(cfg)
         self.start_density = initial_density(cfg)
@@ -96,18 +104,17 @@ class TrainStep:
         frozen = self._frozen(stage)
         scale = noise_scale(self.cfg, stage, local)
         targets = targets_at(self.cfg, stage, local, self.start_density)
-        # the controller moves targeted types; only the others' expected density enters the loss
+        # the projection moves targeted types; only the others' expected density enters the loss
         in_loss = [t for t in stage.trained if t not in targets] if stage.sparsity == "controller" else None
         masks, comp, dens = self.params(trained=stage.trained, gate=self.cfg.gate, taus=self.taus,
                                         noise_seed=self.cfg.seed * 1_000_003 + step, noise_scale=scale,
                                         frozen_masks=frozen, density_grad=in_loss)
         batch = self.data.local_batch(step)
         scores = task_scores(self.view, batch, masks, edge_grad=self.cfg.edge_grad)
-        full = self.full_scores(self.data.local_indices(step)) if self.cfg.faith_loss == "kl" else None
-        faith = FAITH_LOSSES[self.cfg.faith_loss](scores, batch.target, full)
+        faith = FAITH_LOSSES[self.cfg.faith_loss](scores, batch.target)
         complete = completeness(task_scores(self.view, batch, comp, edge_grad=self.cfg.edge_grad))
         if stage.sparsity == "controller":
-            # Targeted types are pulled by the controller's drift (masks.py); the others get DiscoGP's
+            # Targeted types are projected onto their ramp (masks.project); the others get DiscoGP's
             # plain sparsity pressure.
             untargeted = [dens[t] for t in dens if t not in targets]
             sparse = torch.stack(untargeted).mean() if untargeted else torch.zeros((), device=faith.device)
@@ -119,9 +126,12 @@ class TrainStep:
                     else "no checkpoint was written yet")
             raise RunFailed(f"loss became {float(loss.detach())} at step {step}; {kept} (try a lower --lr)")
         lr = lr_at(self.cfg, stage, local)
-        self._descend(loss, optimizer, lr)
+        self._descend(loss, optimizer, lr, normalized(stage))
         expected = {t: float(d.detach()) for t, d in dens.items()}
-        self._control(stage, targets, step, lr)
+        if stage.sparsity == "controller":
+            # Top-k at every step: a threshold from a 2M-entry sample (kthvalue over all of SmolLM2's 134M weight
+            # logits costs ~1.7 s); evaluations project exactly.
+            self.params.project(targets, exact=True, sample=2_000_000, seed=self.cfg.seed * 1_000_003 + step)
         kept = self.params.kept(stage.trained)
         vals = torch.stack([loss.detach(), faith.detach(), complete.detach()])
         if self.acc.num_processes > 1:
@@ -130,7 +140,7 @@ class TrainStep:
                 "complete": float(vals[2]), "expected": expected, "kept": kept, "target": targets,
                 "noise": round(scale, 4), "lr": lr}
 
-    def _descend(self, loss: Tensor, optimizer: torch.optim.Optimizer, lr: float) -> None:
+    def _descend(self, loss: Tensor, optimizer: torch.optim.Optimizer, lr: float, nsgd: bool) -> None:
         """Backward, the ranks' mean gradient (nsgd: normalized), one optimizer step at `lr`."""
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -139,18 +149,8 @@ class TrainStep:
         for key, p in self.params.named_logits().items():  # data parallel: mean of the ranks' gradients
             if p.grad is not None and self.acc.num_processes > 1 and key not in self.params.sharded:
                 p.grad = self.acc.reduce(p.grad, reduction="mean")
-        if self.cfg.optimizer != "adamw":
+        if nsgd:
             reduce = (lambda x: self.acc.reduce(x, reduction="sum")) if self.acc.num_processes > 1 else None
             normalize_grads(self.params.named_logits(),
                             sharded=self.params.sharded, reduce_sum=reduce, within=self.cfg.rank_within)
         optimizer.step()
-
-    def _control(self, stage: Stage, targets: dict[str, float], step: int, lr: float) -> None:
-        """After the optimizer step, the density control of the joint schedule."""
-        if stage.sparsity == "controller" and self.cfg.control == "project":
-            # Top-k at every step: a threshold from a 2M-entry sample (kthvalue over all of SmolLM2's 134M weight
-            # logits costs ~1.7 s); evaluations project exactly.
-            self.params.project(targets, exact=True, sample=2_000_000, seed=self.cfg.seed * 1_000_003 + step)
-        elif stage.sparsity == "controller":
-            self.params.dual_step(self.params.kept(stage.trained), targets, DUAL_LR)
-            self.params.drift(stage.trained, lr)

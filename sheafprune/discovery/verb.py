@@ -24,6 +24,7 @@ from ..tasks import hold_out, load_task
 from .loop import Trainer
 from .objective import sheaf_metrics
 from .search import KeepSearch, median_step_seconds, search_select_items
+from .select import select_items
 from .shard import footprint, mask_logits_for
 
 
@@ -56,7 +57,7 @@ def discover(cfg: DiscoverConfig, *, out: Optional[Path] = None, resume: bool = 
     model.to(acc.device)
     params.to(acc.device)
     task = load_task(cfg.task, tokenizer, seed=cfg.seed, n=cfg.n_items)
-    task = hold_out(task, cfg.select_items or (search_select_items(task) if cfg.searches else 0))
+    task = hold_out(task, search_select_items(task) if cfg.searches else select_items(task))
     for split in ("train", "dev", "test"):
         if not task.items(split):
             raise UserError(f"task {cfg.task!r} has no {split} items; give it more items (--n-items or a bigger file)")

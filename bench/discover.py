@@ -28,6 +28,8 @@ from pathlib import Path
 
 import yaml
 
+from bench.machine import machine
+
 RESULTS = Path(__file__).parent / "results"
 CONFIGS = Path(__file__).parent / "configs"
 RUNS_FILE = Path(__file__).with_name("discover_runs.yaml")
@@ -84,7 +86,7 @@ def run_one(name: str, args: list[str], workdir: Path, threads: int | None = Non
     return {"run": name, "command": "sheafprune discover " + " ".join(args), "threads": threads or os.cpu_count(),
             "wall_seconds": round(wall, 1),
             "peak_rss_mb": round(usage.ru_maxrss / 1024), "density": meta["density"], "metrics": meta["metrics"],
-            "training": meta["training"], "stdout": stdout.strip().splitlines()[-1:]}
+            "training": meta["training"], "stdout": stdout.strip().splitlines()[-1:], "machine": machine()}
 
 
 def main(argv: list[str] | None = None) -> int:

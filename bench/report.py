@@ -134,7 +134,9 @@ def discover_table(d: dict) -> str:
     for r in d["rows"]:
         cmd = r.get("command", "")
         config = _flag(cmd, "--config")
-        head = [r["run"], _flag(cmd, "--model"), _flag(cmd, "--task"), _flag(cmd, "--schedule") or "default",
+        # the schedule a flag names, or DiscoGP's preset's (staged), or the default (joint)
+        schedule = _flag(cmd, "--schedule") or {"discogp": "staged"}.get(_flag(cmd, "--preset") or "", "joint")
+        head = [r["run"], _flag(cmd, "--model"), _flag(cmd, "--task"), schedule,
                 config and Path(config).stem]
         if "failed" in r:
             out.append(head + [f"failed (status {r['failed']})"] + [None] * 6)

@@ -45,6 +45,10 @@ FIXTURES = {
          "wall_seconds": 5.0, "peak_rss_mb": 1024, "density": {"weight": 0.5},
          "metrics": {"full_accuracy": 0.9, "sheaf_accuracy": 0.6, "complement_accuracy": 0.7, "kl": 0.5},
          "training": {"steps": 30}},
+        {"run": "ioi-paper", "command": CMD + " --preset discogp", "threads": 2, "wall_seconds": 5.0,
+         "peak_rss_mb": 1024, "density": {"weight": 0.5}, "metrics": {"full_accuracy": 0.9, "sheaf_accuracy": 0.6,
+                                                                       "complement_accuracy": 0.7, "kl": 0.5},
+         "training": {"steps": 30}},
         {"run": "ioi-broken", "command": CMD, "failed": 9}]},
     "scaleout": [{"granularity": "weight+edge", "model": "m", "batch": 16, "steps": 8, "1x2_step_seconds": 6.5,
                   "2x1_step_seconds": 9.75, "ratio": 1.5, "machine": HOST}],
@@ -111,7 +115,7 @@ EXPECTED = {
         ("tiny-llama", "dtype", "int8")],
     "Generation": [("export, KV cache", "tokens/s", "80.1"), ("full model, HF cache", "seconds", "2.2000")],
     "Discovery: weight+edge and staged runs": [
-        ("ioi-joint", "schedule", "default"), ("ioi-staged", "schedule", "staged"), ("ioi-staged", "config", "x"),
+        ("ioi-joint", "schedule", "joint"), ("ioi-staged", "schedule", "staged"), ("ioi-paper", "schedule", "staged"), ("ioi-staged", "config", "x"),
         ("ioi-joint", "test accuracy full / sheaf / complement", "0.900 / 0.850 / 0.500"),
         ("ioi-joint", "kept", "weight 20.0%, edge 20.0%"), ("ioi-broken", "kept", "failed (status 9)")],
     "Several processes on one machine": [

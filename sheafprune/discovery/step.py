@@ -50,6 +50,14 @@ def normalized(stage: Stage) -> bool:
     return stage.sparsity == "controller"
 
 
+def _sum_of_squares(t: Tensor) -> Tensor:
+    """sum(t^2) in float64, from float32 dot products of 2^20-entry chunks: within ~1e-6 of the float64 sum (one dot
+    over 10^8 entries drifts by ~4e-4), at a twentieth of the cost of squaring a float64 copy (0.02 s vs 0.5 s for
+    SmolLM2's 10^8 weight-mask gradients, every step)."""
+    flat = t.reshape(-1)
+    return torch.stack([torch.dot(c, c) for c in flat.split(1 << 20)]).double().sum()
+
+
 @torch.no_grad()
 def normalize_grads(logits: dict[str, Tensor], *, sharded=frozenset(), reduce_sum: Optional[Callable] = None,
                     within: str = "type") -> None:
@@ -64,8 +72,8 @@ def normalize_grads(logits: dict[str, Tensor], *, sharded=frozenset(), reduce_su
         if p.grad is not None:
             part = (rank_group(key, within), key in sharded)
             acc = local.setdefault(part, torch.zeros(2, dtype=torch.float64, device=p.grad.device))
-            acc += torch.stack([p.grad.double().square().sum(), torch.tensor(float(p.grad.numel()), dtype=torch.float64,
-                                                                            device=p.grad.device)])
+            acc[0] += _sum_of_squares(p.grad)
+            acc[1] += p.grad.numel()
     total: dict[str, Tensor] = {}
     for (group, is_sharded), acc in local.items():
         if is_sharded and reduce_sum is not None:

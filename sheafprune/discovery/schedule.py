@@ -31,12 +31,13 @@ class Stage:
     name: str
     trained: tuple[str, ...]
     steps: int
-    sparsity: str  # "controller" | "paper-weights" | "paper-edges"
+    # "top-k": projected onto the ramp's density every step; "paper-*": DiscoGP's sparsity loss weights (paper_lambda)
+    sparsity: str  # "top-k" | "paper-weights" | "paper-edges"
 
 
 def plan_stages(cfg: DiscoverConfig) -> list[Stage]:
     if cfg.schedule == "joint":
-        return [Stage("joint", tuple(cfg.granularity), cfg.steps, "controller")]
+        return [Stage("joint", tuple(cfg.granularity), cfg.steps, "top-k")]
     nodes = tuple(g for g in cfg.granularity if g != "edge")
     stages = [Stage("weights", nodes, cfg.steps, "paper-weights")] if nodes else []
     if "edge" in cfg.granularity:
@@ -97,7 +98,7 @@ def targets_at(cfg: DiscoverConfig, stage: Stage, local: int, start_density: flo
 
 def noise_scale(cfg: DiscoverConfig, stage: Stage, local: int) -> float:
     """1 (DiscoGP) in the staged preset; noise_start -> noise_final over the warmup in the joint schedule."""
-    if stage.sparsity != "controller":
+    if stage.sparsity != "top-k":
         return 1.0
     return ramp(local, start=cfg.noise_start, end=cfg.noise_final, steps=ramp_steps(stage))
 
@@ -105,7 +106,7 @@ def noise_scale(cfg: DiscoverConfig, stage: Stage, local: int) -> float:
 def lr_at(cfg: DiscoverConfig, stage: Stage, local: int) -> float:
     """cfg.lr; in the joint schedule, after the ramp, linear from lr to LR_FINAL_SHARE * lr at the last step."""
     warm = ramp_steps(stage)
-    if stage.sparsity != "controller" or local < warm:
+    if stage.sparsity != "top-k" or local < warm:
         return cfg.lr
     return ramp(local - warm, start=cfg.lr, end=LR_FINAL_SHARE * cfg.lr, steps=max(stage.steps - 1 - warm, 1))
 

@@ -101,7 +101,7 @@ class Selection:
         ~15 s on SmolLM2 with one thread, a third of a 5-step interval)."""
         if step % self.cfg.eval_every:
             return False
-        could_keep = (local >= ramp_steps(stage) or stage.sparsity != "controller"
+        could_keep = (local >= ramp_steps(stage) or stage.sparsity != "top-k"
                       or targets_met(self.cfg, row["kept"]))
         return could_keep or step % (4 * self.cfg.eval_every) == 0
 
@@ -113,7 +113,7 @@ class Selection:
         last_stage = stage is self.stages[-1]
         ramp_done = local >= ramp_steps(stage)
         # Also project a sheaf within the 2% slack of its targets: the sheaf kept as best is never above them.
-        if (ramp_done or targets_met(self.cfg, row["kept"])) and stage.sparsity == "controller":
+        if (ramp_done or targets_met(self.cfg, row["kept"])) and stage.sparsity == "top-k":
             shifts = self.params.project({t: d for t, d in targets(self.cfg).items() if t in stage.trained})
             if shifts:
                 row["projected"] = shifts

@@ -47,7 +47,7 @@ def make_optimizer(cfg: DiscoverConfig, params: MaskLogits, stage: Stage) -> tor
 
 def normalized(stage: Stage) -> bool:
     """Whether the stage's optimizer takes RMS-normalized gradients (nsgd: the joint schedule)."""
-    return stage.sparsity == "controller"
+    return stage.sparsity == "top-k"
 
 
 def _sum_of_squares(t: Tensor) -> Tensor:
@@ -113,7 +113,7 @@ class TrainStep:
         scale = noise_scale(self.cfg, stage, local)
         targets = targets_at(self.cfg, stage, local, self.start_density)
         # the projection moves targeted types; only the others' expected density enters the loss
-        in_loss = [t for t in stage.trained if t not in targets] if stage.sparsity == "controller" else None
+        in_loss = [t for t in stage.trained if t not in targets] if stage.sparsity == "top-k" else None
         masks, comp, dens = self.params(trained=stage.trained, gate=self.cfg.gate, taus=self.taus,
                                         noise_seed=self.cfg.seed * 1_000_003 + step, noise_scale=scale,
                                         frozen_masks=frozen, density_grad=in_loss)
@@ -121,7 +121,7 @@ class TrainStep:
         scores = task_scores(self.view, batch, masks, edge_grad=self.cfg.edge_grad)
         faith = FAITH_LOSSES[self.cfg.faith_loss](scores, batch.target)
         complete = completeness(task_scores(self.view, batch, comp, edge_grad=self.cfg.edge_grad))
-        if stage.sparsity == "controller":
+        if stage.sparsity == "top-k":
             # Targeted types are projected onto their ramp (masks.project); the others get DiscoGP's
             # plain sparsity pressure.
             untargeted = [dens[t] for t in dens if t not in targets]
@@ -136,7 +136,7 @@ class TrainStep:
         lr = lr_at(self.cfg, stage, local)
         self._descend(loss, optimizer, lr, normalized(stage))
         expected = {t: float(d.detach()) for t, d in dens.items()}
-        if stage.sparsity == "controller":
+        if stage.sparsity == "top-k":
             # Top-k at every step: a threshold from a 2M-entry sample (kthvalue over all of SmolLM2's 134M weight
             # logits costs ~1.7 s); evaluations project exactly.
             self.params.project(targets, exact=True, sample=2_000_000, seed=self.cfg.seed * 1_000_003 + step)

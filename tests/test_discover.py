@@ -24,8 +24,9 @@ from sheafprune.discovery.data import RankData, batch_indices
 from sheafprune.discovery.gates import GATES
 from sheafprune.discovery.loop import Trainer
 from sheafprune.discovery.schedule import LR_FINAL_SHARE, WARMUP, plan_stages
-from sheafprune.discovery.select import dev_rank, select_items, sheaf_done
+from sheafprune.discovery.select import SELECT_ITEMS, dev_rank, sheaf_done
 from sheafprune.sheaf import load_sheaf
+from sheafprune.tasks import held_out_size
 
 BIN = Path(sys.executable).parent
 
@@ -95,7 +96,7 @@ def test_select_items_are_held_out_of_training_and_judge_the_candidates(monkeypa
     from sheafprune.tasks import load_task
     from sheafprune.models import load_model
     task = load_task("ioi", load_model("tiny-gpt2")[1], seed=0, n=80)
-    n = select_items(task)
+    n = held_out_size(task, SELECT_ITEMS)
     assert n == len(task.items("train")) // 4 > 0, n  # a small task: a quarter of its train split
     held = {item.prompt for item in task.items("train")[-n:]}
     assert drawn and not held & set(drawn), f"{len(held & set(drawn))} held-out prompts were trained on"

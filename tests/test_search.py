@@ -15,11 +15,11 @@ from sheafprune.compact import compact
 from sheafprune.config import resolve_config
 from sheafprune.discovery import discover
 from sheafprune.discovery.objective import accuracy, floor_verdict, split_scores
-from sheafprune.discovery.search import FLOOR, ramp_target, search_select_items, temperature, top_k_masks
+from sheafprune.discovery.search import FLOOR, SELECT_ITEMS, ramp_target, temperature, top_k_masks
 from sheafprune.masked import mean_shapes, masked_forward
 from sheafprune.models import load_model, tiny_model
 from sheafprune.sheaf import load_sheaf, save_sheaf
-from sheafprune.tasks import Task, hold_out, load_task
+from sheafprune.tasks import Task, held_out_size, hold_out, load_task
 
 TOL = 1e-5
 
@@ -114,7 +114,7 @@ def test_keep_search_returns_the_sheaf_it_judged_and_it_holds(searched):
     assert loaded.means.keys() == sheaf.means.keys()
     model, tok = load_model("tiny-llama")
     task = load_task("ioi", tok, seed=cfg.seed, n=cfg.n_items)
-    task = hold_out(task, search_select_items(task))
+    task = hold_out(task, held_out_size(task, SELECT_ITEMS))
     judge = Task(task.name, task.kind, {"judge": task.items("dev") + task.items("select")})
     scores, target = split_scores(view_of(model), tok, judge, loaded.masks(), split="judge")
     assert accuracy(scores, target) == pytest.approx(judged["accuracy"]), "the saved sheaf is not the judged one"

@@ -45,12 +45,8 @@ INIT_LOGIT = 2.0  # sigmoid(2) = 0.88: every unit starts kept
 DUAL_LR = 2.0  # dual-ascent step of the density multipliers
 PATIENCE = 3  # failed judgements in a row that end the search
 MEAN_ITEMS = 256  # training items the unit means are taken over
-SELECT_ITEMS = 100  # training items held out to judge with dev: 200 judged items in all on a 1000-item task
+SELECT_ITEMS = 100  # training items held out to judge with dev (tasks.held_out_size): 200 judged in all at 1000 items
 
-
-def search_select_items(task: Task) -> int:
-    """How many training items the search holds out for judging: SELECT_ITEMS, or a quarter of a small train split."""
-    return min(SELECT_ITEMS, len(task.items("train")) // 4)
 
 
 def ramp_target(step: int) -> float:

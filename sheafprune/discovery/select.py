@@ -13,22 +13,18 @@ import torch
 from torch import Tensor
 
 from ..config import DiscoverConfig
-from ..tasks import Task, answer_weights
+from ..tasks import answer_weights
 from .data import RankData
 from .masks import MaskLogits
 from .objective import metrics_from_scores
 from .schedule import Stage, ramp_steps, targets
 
 
-# Training items held out to judge candidate sheaves together with dev (tasks.hold_out), at most a quarter of the train
-# split: dev alone is 100 items in BLiMP (one standard error ~0.05), and an anaphor run stopped on a dev reading of
+# Training items held out to judge candidate sheaves together with dev (tasks.held_out_size: at most a quarter of the
+# train split): dev alone is 100 items in BLiMP (one standard error ~0.05), and an anaphor run stopped on a dev reading of
 # 0.87 that scored 0.72 on test. Both recipes that kept a task at 5%/5% on SmolLM2 judged on dev + 200.
 SELECT_ITEMS = 200
 
-
-def select_items(task: Task) -> int:
-    """How many training items a run with density targets holds out for judging."""
-    return min(SELECT_ITEMS, len(task.items("train")) // 4)
 
 
 def _accuracy_key(dev: dict[str, float]) -> str:

@@ -20,11 +20,11 @@ from ..io import check_out_dir
 from ..masked import mask_shapes
 from ..models import fingerprint, load_model
 from ..sheaf import Sheaf, save_sheaf, versions
-from ..tasks import hold_out, load_task
+from ..tasks import held_out_size, hold_out, load_task
 from .loop import Trainer
 from .objective import sheaf_metrics
-from .search import KeepSearch, median_step_seconds, search_select_items
-from .select import select_items
+from . import search, select
+from .search import KeepSearch, median_step_seconds
 from .shard import footprint, mask_logits_for
 
 
@@ -57,7 +57,7 @@ def discover(cfg: DiscoverConfig, *, out: Optional[Path] = None, resume: bool = 
     model.to(acc.device)
     params.to(acc.device)
     task = load_task(cfg.task, tokenizer, seed=cfg.seed, n=cfg.n_items)
-    task = hold_out(task, search_select_items(task) if cfg.searches else select_items(task))
+    task = hold_out(task, held_out_size(task, search.SELECT_ITEMS if cfg.searches else select.SELECT_ITEMS))
     for split in ("train", "dev", "test"):
         if not task.items(split):
             raise UserError(f"task {cfg.task!r} has no {split} items; give it more items (--n-items or a bigger file)")

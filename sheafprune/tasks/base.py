@@ -109,15 +109,20 @@ def make_splits(
     return {split: [item for key in cut for item in units[key]] for split, cut in cuts.items()}
 
 
+def held_out_size(task: Task, cap: int) -> int:
+    """How many training items a run holds out for judging: `cap`, or a quarter of a small train split."""
+    return min(cap, len(task.items("train")) // 4)
+
+
 def hold_out(task: Task, n: int, *, split: str = "select") -> Task:
     """Move the last `n` training items (the split is already a seeded shuffle) to a new split `split`: items
-    that training never sees, for judging candidate sheaves on more than the dev split (config select_items)."""
+    that training never sees, for judging candidate sheaves on more than the dev split (held_out_size)."""
     train = task.items("train")
     if n <= 0:
         return task
     if n >= len(train):
-        raise UserError(f"select_items={n} would leave no training items (the train split has {len(train)}); "
-                        f"use fewer than {len(train)}")
+        raise UserError(f"holding out {n} items would leave no training items (the train split has {len(train)}); "
+                        f"hold out fewer than {len(train)}")
     splits = {**task.splits, "train": train[:-n], split: train[-n:]}
     return dataclasses.replace(task, splits=splits, notes={**task.notes, "held_out_of_train": {split: n}})
 

@@ -34,6 +34,9 @@ from .quantize import INT8_FILE, QUANTIZATIONS, quantize_int8
 from .vocab import VOCABS, reduce_vocab, task_token_ids, vocab_info
 
 TOLERANCE = 1e-5  # compacted vs masked, fp32 max abs logit difference
+# fp32 rounding of a deep model relative to its largest logit that the gate accepts once fp64 shows the compaction
+# exact: fp32 keeps ~7 digits, and SmolLM2's residual stream carries activations of ~2e4 through 30 layers.
+FP32_RTOL = 1e-4
 FORMATS = ("safetensors", "onnx", "all")
 GATE_ITEMS = 64  # held-out prompts the gate compares on
 AUTO_MAP = {"AutoConfig": "modeling_sheaf.SheafConfig", "AutoModelForCausalLM": "modeling_sheaf.SheafForCausalLM"}
@@ -74,7 +77,7 @@ def check_exact(view: Any, masks: Masks, model: SheafForCausalLM, input_ids: Ten
     The gate is max |logit difference| <= TOLERANCE in fp32. On a deep model fp32 rounding alone can
     exceed that (SmolLM2, logits up to ~30: the masked model itself is 2.5e-5 away from its fp64 self),
     so when fp32 fails, both are recomputed in fp64: the compaction passes only if it is exact there
-    (<= TOLERANCE) and its fp32 difference is within twice the masked model's own fp32 rounding error.
+    (<= TOLERANCE) and its fp32 difference is what fp32 arithmetic explains (within_fp32_rounding).
     """
     ref, got = _logits(view, masks, model, input_ids, attention_mask)
     d32 = float((got - ref).abs().max())
@@ -89,11 +92,21 @@ def check_exact(view: Any, masks: Masks, model: SheafForCausalLM, input_ids: Ten
     ref64, got64 = _logits(view64, masks64, slim64, input_ids, attention_mask)
     result["max_abs_diff_fp64"] = d64 = float((got64 - ref64).abs().max())
     result["fp32_rounding"] = noise = float((ref.double() - ref64).abs().max())
-    if d64 <= TOLERANCE and d32 <= 2 * noise:
+    result["logit_scale"] = scale = float(ref64.abs().max())
+    if d64 <= TOLERANCE and within_fp32_rounding(d32, noise=noise, scale=scale):
         return result
     raise UserError(f"the compacted model differs from the masked sheaf by {d32:.3g} (tolerance {TOLERANCE:g}; "
                     f"{d64:.3g} in fp64, fp32 rounding {noise:.3g}) on {input_ids.shape[0]} held-out prompts; "
                     "nothing was written. This is a bug: please report it")
+
+
+def within_fp32_rounding(d32: float, *, noise: float, scale: float) -> bool:
+    """Whether an fp32 difference between two computations that agree in fp64 is rounding: within twice the masked
+    model's own fp32 error (`noise`, against fp64), or within FP32_RTOL of the largest logit (`scale`). The two
+    sum in different orders (folded constants, merged reads), so their rounding differs: a SmolLM2 anaphor sheaf,
+    exact in fp64, was 1.3e-3 from its masked model in fp32 where the masked model was 2.2e-4 from fp64. A storage
+    dtype below fp32 (fp16: 5e-4 relative per weight, bf16: 4e-3) is still caught."""
+    return d32 <= max(2 * noise, FP32_RTOL * scale)
 
 
 def resolve_formats(formats: Iterable[str] | str, *, dtype: str = "float32", quantize: Optional[str] = None,

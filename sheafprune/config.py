@@ -16,7 +16,6 @@ import yaml
 from .errors import UserError
 
 GRANULARITIES = ("weight", "neuron", "head", "edge")
-ABLATIONS = ("mean", "zero")
 GATES = ("concrete", "sigmoid")
 SCHEDULES = ("joint", "staged")
 INITS = ("attribution", "constant")
@@ -34,9 +33,9 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 # Options that take one of a few names, with the names they take.
-_CHOICES = {"ablation": ABLATIONS, "gate": GATES, "rank_within": RANK_WITHIN, "faith_loss": FAITH_LOSSES,
+_CHOICES = {"gate": GATES, "rank_within": RANK_WITHIN, "faith_loss": FAITH_LOSSES,
             "edge_grad": EDGE_GRADS, "init": INITS, "schedule": SCHEDULES}
-_FLOATS = ("keep", "lr", "lambda_complete", "noise_start", "noise_final", "init_spread")
+_FLOATS = ("keep", "lr", "noise_start", "noise_final", "init_spread")
 
 
 @dataclass(frozen=True)
@@ -50,8 +49,6 @@ class DiscoverConfig:
     # The floor: a sheaf keeps the task if its accuracy (and answer-balanced accuracy, where answers are skewed) is at
     # least `keep` x the full model's. The keep search judges it on dev + select; export checks it on test.
     keep: float = 0.95
-    # What a pruned head or neuron writes in the keep search: its mean output on the task ("mean") or zero.
-    ablation: str = "mean"
     schedule: str = "joint"  # "joint": all mask types together; "staged": DiscoGP's weights-then-edges
     # "concrete" (DiscoGP's straight-through binary concrete) | "sigmoid" (noise-free: the mask is
     # sigmoid(logit / s), s the noise scale below acting as a temperature; gates.py)
@@ -66,7 +63,6 @@ class DiscoverConfig:
     # after it (masked.flip_effects): a writer that dominates its reader's input has a gradient of ~0 at mask 1
     # (the norm undoes its scaling) yet breaks the reader when zero-ablated.
     edge_grad: str = "gradient"
-    lambda_complete: float = 1.0  # weight of the completeness loss
     # Faithfulness loss of training: "ce" (DiscoGP's CE over the candidates), "margin" (minus the right answer's logit
     # margin over the others, objective.margin_loss: it does not saturate on a sheaf surer than the full model).
     faith_loss: str = "ce"

@@ -27,6 +27,9 @@ from .schedule import (Stage, initial_density, lr_at, noise_scale, paper_lambda,
 # AdamW's second-moment decay (the staged preset): a shorter memory than 0.999, since straight-through gradients of
 # tau = 0.01 gates are rare spikes.
 ADAM_BETA2 = 0.9
+# Weight of the completeness loss (DiscoGP's lambda_c): 3 and 10 gave sheaves that fell to a fixed answer order on
+# BLiMP anaphor (docs/weight-edge-experiments.md).
+LAMBDA_COMPLETE = 1.0
 
 
 def make_optimizer(cfg: DiscoverConfig, params: MaskLogits, stage: Stage) -> torch.optim.Optimizer:
@@ -128,7 +131,7 @@ class TrainStep:
             sparse = torch.stack(untargeted).mean() if untargeted else torch.zeros((), device=faith.device)
         else:
             sparse = paper_lambda(stage, local) * torch.stack(list(dens.values())).mean()
-        loss = faith + self.cfg.lambda_complete * complete + sparse
+        loss = faith + LAMBDA_COMPLETE * complete + sparse
         if not torch.isfinite(loss):
             kept = (f"the last good checkpoint is in {self.work_dir}" if any(self.work_dir.glob("ckpt-*.json"))
                     else "no checkpoint was written yet")

@@ -105,6 +105,7 @@ def run_task(model: str, spec: str, work: Path, extra: list[str]) -> dict:
            "non_embedding_kept": round(non_embedding_params(out) / full_ne, 4), "params": e["params"],
            "density": meta["density"], "step_seconds": meta["training"].get("step_seconds"),
            "stopped": meta["training"].get("stopped"), "not_kept": e.get("not_kept"),
+           "judged": meta["training"].get("best_judged"),
            **forward_speedup(model, out, meta["task"] if not spec.startswith("jsonl") else spec,
                              n=meta["config"].get("n_items"))}
     if "sheaf_balanced_accuracy" in m:

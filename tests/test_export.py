@@ -345,8 +345,8 @@ def test_gate_falls_back_to_fp64_on_rounding(gpt2, monkeypatch):
 
 def test_fp32_rounding_rule():
     """Exact in fp64, the fp32 difference passes within twice the masked model's own rounding or 1e-4 of the largest
-    logit: a SmolLM2 sheaf that was refused (1.3e-3 at fp32 noise 2.2e-4; SmolLM2's logits reach ~30) passes; an fp16-sized error
-    (5e-4 relative per weight, ~1e-2 on the logits) and a bf16-sized one do not."""
+    logit: a SmolLM2 sheaf that was refused (1.3e-3 at fp32 noise 2.2e-4; SmolLM2's logits reach ~30) passes; errors
+    of the order of fp16 storage (5e-4 relative: ~1e-2 on logits of 30) and of bf16 storage do not."""
     assert hf.within_fp32_rounding(1e-4, noise=6e-5, scale=1.0)  # twice the masked model's noise
     assert hf.within_fp32_rounding(1.31e-3, noise=2.19e-4, scale=30.0)
     assert not hf.within_fp32_rounding(1e-2, noise=2.19e-4, scale=30.0)

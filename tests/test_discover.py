@@ -21,7 +21,6 @@ from sheafprune.discovery import data as data_module
 from sheafprune.discovery import discover
 from sheafprune.discovery import select as select_module
 from sheafprune.discovery.data import RankData, batch_indices
-from sheafprune.discovery.gates import GATES
 from sheafprune.discovery.loop import Trainer
 from sheafprune.discovery.schedule import LR_FINAL_SHARE, WARMUP, plan_stages
 from sheafprune.discovery.select import SELECT_ITEMS, dev_rank, sheaf_done

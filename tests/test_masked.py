@@ -122,7 +122,7 @@ def _reference_edges(model, ids, am, masks):
     cfg, gpt2 = model.config, model.config.model_type == "gpt2"
     view = view_of(model)
     spec = view.spec
-    h_n, kv_n, hd, group = spec.n_heads, spec.n_kv_heads, spec.d_head, spec.n_heads // spec.n_kv_heads
+    h_n, hd, group = spec.n_heads, spec.d_head, spec.n_heads // spec.n_kv_heads
     pos = default_position_ids(am)
     t = ids.shape[1]
     allowed = torch.ones(t, t).tril().bool()[None] & am.bool()[:, None, :]  # (B, T, T)

@@ -127,6 +127,12 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _panel_order(row: dict) -> int:
+    """Rows in the panel's order (a rerun of some tasks does not move them to the end)."""
+    labels = [JSONL_LABEL if t == "jsonl" else t for t in PANEL]
+    return labels.index(row["task"]) if row["task"] in labels else len(labels)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="tiny-llama, two tasks")
@@ -147,6 +153,7 @@ def main(argv: list[str] | None = None) -> int:
             row["task"] = JSONL_LABEL if spec == "jsonl" else spec
             row["machine"] = machine()
             rows.append(row)
+            rows.sort(key=_panel_order)
             print(json.dumps(row), flush=True)
             path.write_text(json.dumps(rows, indent=1))
     print(table(rows))

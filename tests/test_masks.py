@@ -117,7 +117,7 @@ def test_rank_within_tensor_ranks_and_normalizes_each_tensor_on_its_own():
         params = MaskLogits(shapes, init_mean=1.0, init_std=0.0, seed=0)
         params.init_from_scores(scores, center=1.0, spread=1.0, seed=0, within=within)
         spans[within] = {k: (round(float(v.min()), 2), round(float(v.mean()), 2), round(float(v.max()), 2))
-                         for k, v in params.named_logits().items()}
+                         for k, v in {k: v.detach() for k, v in params.named_logits().items()}.items()}
     assert spans["type"]["w/q"][2] < 1.0 < spans["type"]["w/v"][1], spans  # q below v's median: removed first
     assert all(lo < 0.05 and abs(mean - 1) < 0.05 and hi > 1.95 for lo, mean, hi in spans["tensor"].values()), spans
     logits = {k: torch.zeros(s, requires_grad=True) for k, s in shapes.items()}

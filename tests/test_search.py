@@ -1,6 +1,7 @@
 """The keep search and the floor: mean ablation computes what it says (masked vs a hand computation, compacted vs
 masked), the search returns the sheaf it judged and that sheaf holds its floor, and an export that misses the floor
-says so (exit 3, a `not kept:` line, the card's first lines)."""
+says so (exit 3, a `not kept:` line, the card's first lines); where equal starting logits keep nothing smaller than
+the full model, the search restarts from logits ranked by attribution."""
 
 from __future__ import annotations
 
@@ -15,7 +16,10 @@ from sheafprune.compact import compact
 from sheafprune.config import resolve_config
 from sheafprune.discovery import discover
 from sheafprune.discovery.objective import accuracy, floor_verdict, split_scores
-from sheafprune.discovery.search import FLOOR, SELECT_ITEMS, ramp_target, temperature, top_k_masks
+from sheafprune.discovery import search
+from sheafprune.discovery.objective import faithfulness, task_scores
+from sheafprune.discovery.search import (FLOOR, INIT_LOGIT, RANKED_BATCHES, RANKED_SPREAD, SELECT_ITEMS, KeepSearch,
+                                         ramp_target, temperature, top_k_masks)
 from sheafprune.masked import mean_shapes, masked_forward
 from sheafprune.models import load_model, tiny_model
 from sheafprune.sheaf import load_sheaf, save_sheaf
@@ -121,6 +125,75 @@ def test_keep_search_returns_the_sheaf_it_judged_and_it_holds(searched):
     kept = {t: float(torch.cat([(v > 0).float() for k, v in loaded.logits.items() if k.startswith(t)]).mean())
             for t in ("neuron", "head")}
     assert kept == pytest.approx(judged["density"], abs=1e-5)  # rounded to 5 digits in sheaf.json
+    if judged["size"] < 1:  # the equal-logit pass kept something smaller: no restart
+        assert sheaf.meta["training"]["passes"] == ["equal"]
+        assert {row["init"] for row in sheaf.curve} == {"equal"}
+
+
+def _keep_search(**overrides):
+    from accelerate import Accelerator
+
+    cfg = resolve_config(overrides=dict(model="tiny-llama", task="ioi", n_items=200, batch_size=8, **overrides))
+    model, tok = load_model("tiny-llama")
+    task = load_task("ioi", tok, seed=cfg.seed, n=cfg.n_items)
+    task = hold_out(task, held_out_size(task, SELECT_ITEMS))
+    return KeepSearch(cfg=cfg, view=view_of(model), tokenizer=tok, task=task, accelerator=Accelerator(cpu=True),
+                      started=0.0, progress=False)
+
+
+def test_ranked_restart_orders_units_by_attribution():
+    """The restart's logits follow |dCE/dmask| at the full model (recomputed here), per type, over
+    INIT_LOGIT +- RANKED_SPREAD; and mean-ablating the top-ranked head alone costs more CE than the bottom one."""
+    ks = _keep_search()
+    ones = {k: torch.ones_like(v, requires_grad=True) for k, v in ks.logits.items()}
+    batches = [ks._batch(b)[0] for b in range(RANKED_BATCHES)]
+    loss = sum(faithfulness(task_scores(ks.view, b, ks.forward_masks(ones)), b.target) for b in batches)
+    loss.backward()
+    ks.multipliers["head"] = 5.0
+    ks.rank_by_attribution()
+    assert ks.multipliers == {"neuron": 0.0, "head": 0.0}, "the restart keeps the first pass's multipliers"
+    for t in ("neuron", "head"):
+        keys = [k for k in ks.logits if k.startswith(t + "/")]
+        grad = torch.cat([ones[k].grad.abs().flatten() for k in keys])
+        logit = torch.cat([ks.logits[k].detach().flatten() for k in keys])
+        assert logit.min() == pytest.approx(INIT_LOGIT - RANKED_SPREAD)
+        assert logit.max() == pytest.approx(INIT_LOGIT + RANKED_SPREAD)
+        order = grad.argsort()
+        # Sorted by the recomputed attribution, the logits rise, except between near-equal scores (summation order)
+        flipped = (logit[order].diff() <= 0) & (grad[order].diff() > 1e-5 * grad.max())
+        assert not flipped.any(), f"{t} logits do not follow the attribution order at {flipped.nonzero().flatten()}"
+    keys = [k for k in ks.logits if k.startswith("head/")]
+    flat = torch.cat([ks.logits[k].detach().flatten() for k in keys])
+    n_per = ks.logits[keys[0]].numel()
+
+    def ce_without(i):
+        masks = {k: torch.ones_like(v) for k, v in ks.logits.items()}
+        masks[keys[i // n_per]].view(-1)[i % n_per] = 0.0
+        with torch.no_grad():
+            return sum(float(faithfulness(task_scores(ks.view, b, ks.forward_masks(masks)), b.target)) for b in batches)
+
+    base = float(loss.detach())
+    top, bottom = abs(ce_without(int(flat.argmax())) - base), abs(ce_without(int(flat.argmin())) - base)
+    print(f"CE change removing the top-ranked head {top:.3g}, the bottom-ranked {bottom:.3g}")
+    assert top > bottom
+
+
+def test_ranked_restart_when_equal_logits_keep_nothing(monkeypatch, tmp_path):
+    """A search whose equal-logit pass holds nothing smaller runs a ranked pass, returns its sheaf and says so."""
+    restarted = []
+    rank = KeepSearch.rank_by_attribution
+    monkeypatch.setattr(KeepSearch, "rank_by_attribution", lambda self: (restarted.append(1), rank(self)))
+    holds = search.Judgement.holds
+    monkeypatch.setattr(search.Judgement, "holds", lambda self, keep: bool(restarted) and holds(self, keep))
+    cfg = resolve_config(overrides=dict(model="tiny-llama", task="ioi", n_items=200, steps=60, batch_size=8,
+                                        eval_every=5, keep=0.8))  # a random tiny model: a floor it can hold
+    sheaf = discover(cfg, out=tmp_path / "sheaf", progress=False)
+    training = sheaf.meta["training"]
+    assert training["passes"] == ["equal", "ranked"] and restarted == [1]
+    inits = [row["init"] for row in sheaf.curve]
+    assert inits[0] == "equal" and inits[-1] == "ranked" and inits == sorted(inits), inits
+    assert not any(row["judged"]["holds"] for row in sheaf.curve if row["init"] == "equal" and "judged" in row)
+    assert training["best_judged"]["size"] < 1, "the ranked pass kept nothing smaller on tiny-llama"
 
 
 def test_export_that_misses_the_floor_exits_3_and_says_so(searched, tmp_path, capsys):

@@ -12,8 +12,12 @@ What a user asks for is "as small as it gets while the task holds", not a densit
 - judging: every `eval_every` steps the hard sheaf at the current target (top-k logits per type) is scored on dev
   and the held-out select items; the smallest that keeps `keep` x the full model's accuracy (and its
   answer-balanced accuracy, where the answers are skewed) is the result. The search ends at the floor, when
-  PATIENCE judgements in a row fail, or when the time budget runs out. If nothing smaller holds, the result is
-  the full model: never a broken one.
+  PATIENCE judgements in a row fail, or when the time budget runs out;
+- a ranked restart: the logits start equal, so the first top-k cuts fall in the order Adam's equal-sized steps leave
+  them. Where that breaks the task at once (nothing smaller held), the search runs once more from logits spread by
+  attribution rank, the units least used by the task cut first. Equal logits are the first try because their picks
+  held on fresh items better wherever both found a sheaf. If nothing smaller holds, the result is the full model:
+  never a broken one.
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ from ..masked import mask_shapes, masked_forward
 from ..tasks import Task, answer_weights, encode
 from .data import batch_indices
 from .gates import soft_mask
-from .objective import FullScores, accuracy, floor_verdict, kl_to_full, split_scores, task_scores
+from .objective import FullScores, accuracy, faithfulness, floor_verdict, kl_to_full, split_scores, task_scores
 
 SEARCH_TYPES = ("neuron", "head")
 FLOOR = 0.02  # the smallest density tried (a few heads and ~30 neurons per layer of SmolLM2)
@@ -44,6 +48,8 @@ T_FINAL = 0.05  # the temperature reached at the floor: sigmoid(logit / T) is th
 INIT_LOGIT = 2.0  # sigmoid(2) = 0.88: every unit starts kept
 DUAL_LR = 2.0  # dual-ascent step of the density multipliers
 PATIENCE = 3  # failed judgements in a row that end the search
+RANKED_SPREAD = 1.0  # the ranked restart's logits span INIT_LOGIT +- RANKED_SPREAD, least used unit lowest
+RANKED_BATCHES = 4  # training batches the ranked restart's attribution is summed over
 MEAN_ITEMS = 256  # training items the unit means are taken over
 SELECT_ITEMS = 100  # training items held out to judge with dev (tasks.held_out_size): 200 judged in all at 1000 items
 
@@ -133,7 +139,8 @@ class Judgement:
         return floor_verdict(metrics, keep) is None
 
     def row(self) -> dict[str, Any]:
-        out = {"density": {t: round(d, 5) for t, d in self.density.items()}, "size": round(self.size, 5), "accuracy": self.accuracy, "full_accuracy": self.full_accuracy}
+        out = {"density": {t: round(d, 5) for t, d in self.density.items()}, "size": round(self.size, 5),
+               "accuracy": self.accuracy, "full_accuracy": self.full_accuracy}
         if self.balanced is not None:
             out.update(balanced_accuracy=self.balanced, full_balanced_accuracy=self.full_balanced)
         return out
@@ -149,6 +156,7 @@ class SearchResult:
     step_seconds: list[float]
     judged_on: str
     stopped: str
+    passes: list[str]  # "equal" logits, then "ranked" by attribution where equal logits kept nothing smaller
 
 
 class KeepSearch:
@@ -161,10 +169,9 @@ class KeepSearch:
         self.progress = progress and accelerator.is_main_process
         self.logits = {k: torch.full(s, INIT_LOGIT, device=self.device, requires_grad=True)
                        for k, s in mask_shapes(view, cfg.granularity).items()}
-        self.multipliers = {t: 0.0 for t in SEARCH_TYPES}
+        self._reset_optimizer()
         self.n_units = {t: sum(v.numel() for k, v in self.logits.items() if is_type(k, t)) for t in SEARCH_TYPES}
         self.unit_params = unit_params(view)
-        self.optimizer = torch.optim.Adam(list(self.logits.values()), lr=cfg.lr)
         # Mean ablation: zero ablation kept IOI at 0.68 where the means kept 0.99 with half the heads removed.
         self.means = {k: v for k, v in unit_means(view, task, tokenizer, device=self.device,
                                                   batch_size=cfg.batch_size).items()
@@ -181,6 +188,40 @@ class KeepSearch:
         t0 = time.perf_counter()
         self.judge_full = self._judge_scores(None)
         self.judge_seconds = time.perf_counter() - t0
+
+    def _reset_optimizer(self) -> None:
+        self.multipliers = {t: 0.0 for t in SEARCH_TYPES}
+        self.optimizer = torch.optim.Adam(list(self.logits.values()), lr=self.cfg.lr)
+
+    @torch.no_grad()
+    def _spread(self, scores: dict[str, Tensor]) -> None:
+        """Logits INIT_LOGIT +- RANKED_SPREAD by each unit's rank within its type (lowest = least used)."""
+        for t, (keys, flat) in _by_type(scores).items():
+            rank = flat.argsort().argsort().float() / max(flat.numel() - 1, 1)
+            spread = INIT_LOGIT + RANKED_SPREAD * (2 * rank - 1)
+            start = 0
+            for k in keys:
+                n = self.logits[k].numel()
+                self.logits[k].copy_(spread[start:start + n].view_as(self.logits[k]))
+                start += n
+
+    def rank_by_attribution(self) -> None:
+        """Restart from logits ranked by |dCE/dmask| at the full model, summed over RANKED_BATCHES training batches:
+        under mean ablation that is (output - mean) . dCE/doutput, the first-order cost of removing the unit. The
+        KL's gradient is zero at the full model, hence the CE toward the right answers."""
+        ones = {k: torch.ones_like(v, requires_grad=True) for k, v in self.logits.items()}
+        for b in range(RANKED_BATCHES):
+            batch, _ = self._batch(b)
+            faithfulness(task_scores(self.view, batch, self.forward_masks(ones)), batch.target).backward()
+        scores = {}
+        for k, m in ones.items():
+            g = m.grad.abs() if m.grad is not None else torch.zeros_like(m)
+            scores[k] = self.acc.reduce(g, reduction="mean") if self.acc.num_processes > 1 else g
+        if not all(torch.isfinite(g).all() for g in scores.values()):
+            raise RunFailed("the ranked restart got a non-finite gradient: the model's outputs on this task are not "
+                            "finite")
+        self._spread(scores)
+        self._reset_optimizer()
 
     def _judge_scores(self, masks: Optional[dict[str, Tensor]]) -> tuple[Tensor, Tensor]:
         return split_scores(self.view, self.tok, self.judge_task, masks, split="judge",
@@ -248,18 +289,34 @@ class KeepSearch:
         return spent + 2 * step_seconds + closing > 60 * self.cfg.max_minutes
 
     def run(self, *, log: Optional[Callable[[dict], None]] = None) -> SearchResult:
-        from tqdm.auto import tqdm
-
-        best = self.judge(0, {t: 1.0 for t in self.n_units if self.n_units[t]})
+        full = self.judge(0, {t: 1.0 for t in self.n_units if self.n_units[t]})
         curve: list[dict[str, Any]] = []
         times: list[float] = []
+        passes = ["equal"]
+        best, stopped = self._pass(full, curve, times, log=log, init="equal")
+        if best is full and stopped != "time":
+            passes.append("ranked")
+            self.rank_by_attribution()
+            best, stopped = self._pass(full, curve, times, log=log, init="ranked")
+        logits = centered_logits(best.logits, best.masks)
+        return SearchResult(logits=logits, means={k: v.cpu() for k, v in self.means.items()}, curve=curve,
+                            best=best, steps=len(times), step_seconds=times, judged_on="+".join(self.judge_split),
+                            stopped=stopped, passes=passes)
+
+    def _pass(self, best: Judgement, curve: list[dict[str, Any]], times: list[float], *,
+              log: Optional[Callable[[dict], None]], init: str) -> tuple[Judgement, str]:
+        """Lower the density from 1 until the floor, PATIENCE failed judgements in a row or the time budget; the
+        smallest sheaf that held (or `best`) and why the pass stopped. Rows are appended to `curve`."""
+        from tqdm.auto import tqdm
+
         fails, stopped, step = 0, "steps", 0
-        bar = tqdm(total=self.cfg.steps, disable=not self.progress, desc="keep search", dynamic_ncols=True,
-                   mininterval=1.0)
+        bar = tqdm(total=self.cfg.steps, disable=not self.progress, dynamic_ncols=True, mininterval=1.0,
+                   desc="keep search" + (" (ranked restart)" if init == "ranked" else ""))
         try:
             while step < self.cfg.steps:
                 t0 = time.perf_counter()
                 row = self.step(step)
+                row["init"] = init
                 step += 1
                 times.append(time.perf_counter() - t0)
                 out_of_time = self._out_of_time(times[-1])
@@ -285,10 +342,7 @@ class KeepSearch:
                     break
         finally:
             bar.close()
-        logits = centered_logits(best.logits, best.masks)
-        return SearchResult(logits=logits, means={k: v.cpu() for k, v in self.means.items()}, curve=curve,
-                            best=best, steps=step, step_seconds=times, judged_on="+".join(self.judge_split),
-                            stopped=stopped)
+        return best, stopped
 
 
 def unit_params(view: ArchView) -> dict[str, int]:

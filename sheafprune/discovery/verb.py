@@ -176,7 +176,7 @@ def _search(cfg: DiscoverConfig, *, view, tokenizer, task, acc, work_dir: Path, 
         "task": task.name, "granularity": list(cfg.granularity), "density": {},
         "training": {"mode": "keep", "steps": result.steps, "step_seconds": median_step_seconds(result.step_seconds),
                      "seconds": round(sum(result.step_seconds), 1), "processes": acc.num_processes,
-                     "best_step": best.step, "stopped": result.stopped,
+                     "best_step": best.step, "stopped": result.stopped, "passes": result.passes,
                      "best_judged": {"on": result.judged_on, **best.row()}, "task_notes": task.notes},
         "config": cfg.to_dict(), "versions": versions()})
     on_device = lambda masks: {k: v.to(acc.device) for k, v in masks.items()}  # noqa: E731

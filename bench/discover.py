@@ -31,9 +31,8 @@ import yaml
 from bench.machine import machine
 
 RESULTS = Path(__file__).parent / "results"
-CONFIGS = Path(__file__).parent / "configs"
 RUNS_FILE = Path(__file__).with_name("discover_runs.yaml")
-RUN_KEYS = {"task", "base", "options", "config"}
+RUN_KEYS = {"task", "base", "options"}
 
 
 def _flags(options: dict, where: str) -> list[str]:
@@ -55,11 +54,6 @@ def run_argv(name: str, run: dict, model: str, option_sets: dict) -> list[str]:
         raise ValueError(f"{RUNS_FILE.name}: run {name!r} names the unknown option set {run['base']!r}")
     argv = ["--model", model, "--task", run["task"], *_flags(option_sets.get(run.get("base"), {}), name),
             *_flags(run.get("options", {}), name)]
-    if "config" in run:
-        config = CONFIGS / run["config"]
-        if not config.is_file():
-            raise ValueError(f"{RUNS_FILE.name}: run {name!r} names {config}, which does not exist")
-        argv += ["--config", str(config)]
     return argv
 
 

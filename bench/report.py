@@ -133,11 +133,13 @@ def discover_table(d: dict) -> str:
     out = []
     for r in d["rows"]:
         cmd = r.get("command", "")
+        # the recipe a flag names (the default otherwise), or the YAML file a run read its options from
         config = _flag(cmd, "--config")
+        recipe = _flag(cmd, "--recipe") or (Path(config).stem if config else "concrete")
         # the schedule a flag names, or DiscoGP's preset's (staged), or the default (joint)
         schedule = _flag(cmd, "--schedule") or {"discogp": "staged"}.get(_flag(cmd, "--preset") or "", "joint")
         head = [r["run"], _flag(cmd, "--model"), _flag(cmd, "--task"), schedule,
-                config and Path(config).stem]
+                recipe if schedule == "joint" else "—"]
         if "failed" in r:
             out.append(head + [f"failed (status {r['failed']})"] + [None] * 6)
             continue
@@ -146,7 +148,7 @@ def discover_table(d: dict) -> str:
                            f"{m['full_accuracy']:.3f} / {m['sheaf_accuracy']:.3f} / {m['complement_accuracy']:.3f}",
                            _num(m.get("kl"), ".3f"), t.get("steps"), f"{r['wall_seconds']:.1f}",
                            _gib(r.get("peak_rss_mb")), r.get("threads")])
-    return _table(["run", "model", "task", "schedule", "config", "kept", "test accuracy full / sheaf / complement",
+    return _table(["run", "model", "task", "schedule", "recipe", "kept", "test accuracy full / sheaf / complement",
                    "KL", "steps", "wall (s)", "peak RSS (GiB)", "threads"], out)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from sheafprune.config import GATES, INITS, PRESETS, SCHEDULES, DiscoverConfig, resolve_config
+from sheafprune.config import PRESETS, RECIPES, SCHEDULES, DiscoverConfig, resolve_config
 
 
 def add_discover_options(p: argparse.ArgumentParser, *, required: bool = True) -> None:
@@ -22,9 +22,9 @@ def add_discover_options(p: argparse.ArgumentParser, *, required: bool = True) -
                         "edges); --config and flags override it")
     p.add_argument("--keep", type=float, help="the floor: share of the full model's accuracy to keep (default 0.95)")
     p.add_argument("--schedule", choices=SCHEDULES, help="joint (default) or DiscoGP's staged weights-then-edges")
-    p.add_argument("--gate", choices=GATES, help="concrete (DiscoGP's, default) or sigmoid (noise-free)")
-    p.add_argument("--init", choices=INITS,
-                   help="initial mask logits: DiscoGP's constant N(1, 0.01) (default) or ranked by attribution on the full model")
+    p.add_argument("--recipe", choices=list(RECIPES),
+                   help="with --target-density: how the masks train: concrete (DiscoGP's gate and CE, default) or "
+                        "sigmoid (noise-free gate, margin loss, attribution init, secant edge gradient)")
     p.add_argument("--steps", type=int)
     p.add_argument("--batch-size", dest="batch_size", type=int)
     p.add_argument("--lr", type=float)
@@ -42,8 +42,8 @@ def add_discover_options(p: argparse.ArgumentParser, *, required: bool = True) -
 
 
 def config_from_args(args: argparse.Namespace) -> DiscoverConfig:
-    keys = ("model", "task", "granularity", "target_density", "keep", "schedule", "gate", "init", "steps", "batch_size", "lr", "eval_every",
-            "seed", "n_items", "max_minutes", "shard_masks")
+    keys = ("model", "task", "granularity", "target_density", "keep", "schedule", "recipe", "steps", "batch_size", "lr",
+            "eval_every", "seed", "n_items", "max_minutes", "shard_masks")
     return resolve_config(yaml_path=args.config, overrides={k: getattr(args, k, None) for k in keys},
                           preset=getattr(args, "preset", None))
 

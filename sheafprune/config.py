@@ -16,12 +16,48 @@ import yaml
 from .errors import UserError
 
 GRANULARITIES = ("weight", "neuron", "head", "edge")
-GATES = ("concrete", "sigmoid")
 SCHEDULES = ("joint", "staged")
-INITS = ("attribution", "constant")
-EDGE_GRADS = ("gradient", "secant")
-FAITH_LOSSES = ("ce", "margin")
-RANK_WITHIN = ("type", "tensor")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How target mode's joint schedule trains the masks, beyond what it always does (docs/target-mode.md).
+
+    gate: "concrete" (DiscoGP's straight-through binary concrete) | "sigmoid" (noise-free: the mask is
+        sigmoid(logit / s), s the noise scale acting as a temperature; discovery/gates.py).
+    faith_loss: "ce" (DiscoGP's CE over the candidates) | "margin" (minus the right answer's logit margin over the
+        others: it does not saturate on a sheaf surer than the full model; discovery/objective.py).
+    edge_grad: what the edge masks' straight-through estimator uses for dL/dmask: "gradient", autograd's, or
+        "secant", the loss change of flipping the edge taken exactly through its reader's norm (masked.flip_effects):
+        a writer that dominates its reader's input has a gradient of ~0 at mask 1 yet breaks the reader.
+    init: "constant" (DiscoGP's N(1, 0.01)) | "attribution" (logits spread over 1 +- init_spread by the rank of each
+        entry's |dLoss/dmask| on the full model, discovery/attribution.py). The staged schedule is always constant.
+    noise_start, noise_final: the gate's noise scale, annealed over the density ramp (1 = DiscoGP's).
+    rank_within: where the attribution init ranks and nsgd takes its gradient RMS: over each mask "type", or within
+        each "tensor" (one weight matrix, one reader group of edges).
+    """
+
+    gate: str
+    faith_loss: str
+    edge_grad: str
+    init: str
+    init_spread: float
+    noise_start: float
+    noise_final: float
+    rank_within: str
+
+
+# The two recipes that have kept a task at 5% of the weights and 5% of the edges on SmolLM2; every other setting of
+# these eight lost on IOI or anaphor (docs/weight-edge-experiments.md), so they are not separate options.
+RECIPES: dict[str, Recipe] = {
+    # DiscoGP's gate and loss, the noise annealed 1 -> 0.25 (it kept anaphor, though not on every trajectory).
+    "concrete": Recipe(gate="concrete", faith_loss="ce", edge_grad="gradient", init="constant", init_spread=1.0,
+                       noise_start=1.0, noise_final=0.25, rank_within="type"),
+    # Noise-free, so an entry fades out over several steps and the loss sees what losing it costs: SmolLM2 breaks on
+    # IOI once a random 7% of its weights or edges is gone, which the concrete gate samples at every step (IOI's).
+    "sigmoid": Recipe(gate="sigmoid", faith_loss="margin", edge_grad="secant", init="attribution", init_spread=2.0,
+                      noise_start=0.5, noise_final=0.02, rank_within="tensor"),
+}
 
 # Named starting points: defaults < preset < YAML file < flags. "default" is the keep search (the smallest sheaf of
 # neurons and heads that keeps the task); "discogp" is DiscoGP's own recipe: weight and edge masks, trained in two
@@ -33,9 +69,8 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 # Options that take one of a few names, with the names they take.
-_CHOICES = {"gate": GATES, "rank_within": RANK_WITHIN, "faith_loss": FAITH_LOSSES,
-            "edge_grad": EDGE_GRADS, "init": INITS, "schedule": SCHEDULES}
-_FLOATS = ("keep", "lr", "noise_start", "noise_final", "init_spread")
+_CHOICES = {"schedule": SCHEDULES, "recipe": tuple(RECIPES)}
+_FLOATS = ("keep", "lr")
 
 
 @dataclass(frozen=True)
@@ -50,36 +85,13 @@ class DiscoverConfig:
     # least `keep` x the full model's. The keep search judges it on dev + select; export checks it on test.
     keep: float = 0.95
     schedule: str = "joint"  # "joint": all mask types together; "staged": DiscoGP's weights-then-edges
-    # "concrete" (DiscoGP's straight-through binary concrete) | "sigmoid" (noise-free: the mask is
-    # sigmoid(logit / s), s the noise scale below acting as a temperature; gates.py)
-    gate: str = "concrete"
+    # Target mode's joint schedule: how the masks train (RECIPES above; cfg.recipe_settings).
+    recipe: str = "concrete"
     steps: int = 300  # optimizer steps (each stage gets all of them in "staged")
     batch_size: int = 32  # global batch, split across processes
     # Learning rate of the mask logits. In the joint schedule it decays linearly after the density ramp to a tenth
     # by the last step (schedule.lr_at), so the sheaf stops churning at the target.
     lr: float = 0.1
-    # What the edge masks' straight-through estimator uses for dL/dmask: "gradient", autograd's (DiscoGP's), or
-    # "secant", the loss change of flipping the edge taken exactly through its reader's norm and to first order
-    # after it (masked.flip_effects): a writer that dominates its reader's input has a gradient of ~0 at mask 1
-    # (the norm undoes its scaling) yet breaks the reader when zero-ablated.
-    edge_grad: str = "gradient"
-    # Faithfulness loss of training: "ce" (DiscoGP's CE over the candidates), "margin" (minus the right answer's logit
-    # margin over the others, objective.margin_loss: it does not saturate on a sheaf surer than the full model).
-    faith_loss: str = "ce"
-    # Joint schedule: the gate's noise scale anneals from noise_start to noise_final over the density ramp, so the
-    # masks trained on come closer to the deterministic sheaf that is evaluated and exported (gates.py). 1 = DiscoGP's.
-    noise_start: float = 1.0
-    noise_final: float = 0.25
-    # Joint schedule: "attribution" spreads the initial logits over 1 +- init_spread by the rank of each entry's
-    # |dLoss/dmask| on the full model (discovery/attribution.py), so the first entries the controller removes are
-    # the least used ones, not random ones; "constant" is DiscoGP's N(1, 0.01) (always used by the staged preset).
-    init: str = "constant"
-    init_spread: float = 1.0
-    # Where the attribution init ranks scores and nsgd takes its gradient RMS: over each mask type, or within each
-    # tensor (one weight matrix, one reader group of edges). Measured on SmolLM2/IOI: ranked over the whole type,
-    # some q_proj matrices keep 5-7% of their entries when the type keeps 35%, and weights-only sheaves broke
-    # between 38% and 26% kept; with per-tensor ranks and faith_loss margin they held to 5% (docs/weight-edge-experiments.md).
-    rank_within: str = "type"
     n_items: Optional[int] = None  # task size where the task generates items (ioi)
     eval_every: int = 10
     checkpoint_every: int = 50
@@ -121,20 +133,20 @@ class DiscoverConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise UserError(f"--{name.replace('_', '-')} must be a finite number, got {value!r}")
-        for name in ("lr", "init_spread"):
-            if not getattr(self, name) > 0:
-                raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise UserError(f"--lr must be positive, got {self.lr}")
         if self.max_minutes is not None and (isinstance(self.max_minutes, bool) or not isinstance(
                 self.max_minutes, (int, float)) or not self.max_minutes > 0):
             raise UserError(f"--max-minutes must be a positive number, got {self.max_minutes!r}")
-        for name in ("noise_start", "noise_final"):
-            if not 0.0 < getattr(self, name) <= 1.0:
-                raise UserError(f"{name} must be in (0, 1], got {getattr(self, name)}")
         if not 0.0 < self.keep <= 1.0:
             raise UserError(f"--keep must be in (0, 1], the share of the full model's accuracy to keep; got {self.keep}")
         if self.searches and set(self.granularity) - {"neuron", "head"}:
             raise UserError(f"--granularity {','.join(self.granularity)} needs --target-density (e.g. weight=0.05,"
                             "edge=0.05): without targets the keep search learns neuron and head masks")
+
+    @property
+    def recipe_settings(self) -> Recipe:
+        return RECIPES[self.recipe]
 
     @property
     def searches(self) -> bool:

@@ -114,7 +114,7 @@ def test_candidates_that_tokenize_to_nothing(capsys, work, gpt2):
     (["--n-items", "0"], r"n must be a positive number of items|--n-items must be"),
     (["--granularity", "weight,layer"], r"unknown granularity layer; use any of weight,neuron,head,edge"),
     (["--granularity", ","], r"unknown granularity \(empty\)"),
-    (["--gate", "relu"], r"invalid choice: 'relu'"),
+    (["--recipe", "relu"], r"invalid choice: 'relu'"),
     (["--preset", "paper"], r"invalid choice: 'paper'"),
     (["--steps", "many"], r"invalid int value: 'many'"),
 ])
@@ -134,8 +134,8 @@ def test_config_file_problems(capsys, work):
     refused(capsys, [*base, work / "neg.yaml"], match=r"--checkpoint-every must be a positive integer", root=work)
     (work / "type.yaml").write_text("steps: lots\n")
     refused(capsys, [*base, work / "type.yaml"], match=r"steps", root=work)
-    for text, match in [("noise_final: 1.5\n", r"noise_final must be in \(0, 1\], got 1.5"),
-                        ("faith_loss: kl\n", r"unknown faith_loss 'kl'; use one of ce, margin"),
+    for text, match in [("recipe: margin\n", r"unknown recipe 'margin'; use one of concrete, sigmoid"),
+                        ("faith_loss: kl\n", r"unknown config key\(s\) faith_loss; known: "),
                         ("control: project\n", r"unknown config key\(s\) control; known: ")]:
         (work / "opt.yaml").write_text(text)
         refused(capsys, [*base, work / "opt.yaml"], match=match, root=work)

@@ -1,5 +1,5 @@
 """bench/discover_runs.yaml gives bench.discover the `sheafprune discover` arguments of each run: every run name the
-results and docs refer to, the arguments in their order, and config files that exist. Read in a child process from
+results and docs refer to, and the arguments in their order. Read in a child process from
 the project root, as `python -m bench.discover` reads it (bench/ is not an installed package)."""
 
 import json
@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = ROOT / "bench" / "configs"
 LOAD = "import json\nfrom bench.discover import load_runs\nprint(json.dumps(load_runs()))\n"
 JOINT = ["--granularity", "weight,edge", "--target-density", "weight=0.05,edge=0.05", "--steps", "150",
          "--batch-size", "16", "--eval-every", "5", "--max-minutes", "30"]
@@ -28,19 +27,11 @@ def test_runs_file_gives_each_run_its_arguments(runs):
                                   "sentence-sigmoid", "ioi-staged"]
     assert list(runs["quick"]) == ["tiny-joint", "tiny-staged"]
     assert runs["full"]["ioi-joint"] == ["--model", "smollm2-135m", "--task", "ioi", *JOINT]
-    # A run's own options come after the shared set (a repeated --steps wins), its config file last.
+    # A run's own options come after the shared set (a repeated --steps wins).
     assert runs["full"]["ioi-sigmoid"] == ["--model", "smollm2-135m", "--task", "ioi", *JOINT, "--steps", "130",
-                                           "--config", str(CONFIGS / "ioi-sigmoid.yaml")]
+                                           "--recipe", "sigmoid"]
     assert runs["full"]["ioi-staged"] == ["--model", "smollm2-135m", "--task", "ioi", "--preset", "discogp",
                                           "--steps", "75", "--batch-size", "16", "--eval-every", "5",
                                           "--max-minutes", "30"]
     assert runs["quick"]["tiny-joint"] == ["--model", "tiny-gpt2", "--task", "ioi", "--steps", "60", "--batch-size",
                                            "16", "--target-density", "weight=0.2,edge=0.2"]
-
-
-def test_every_config_file_a_run_names_exists(runs):
-    configs = [argv[i + 1] for table in runs.values() for argv in table.values()
-               for i, a in enumerate(argv) if a == "--config"]
-    assert len(configs) == 2
-    missing = [c for c in configs if not Path(c).is_file()]
-    assert not missing, missing

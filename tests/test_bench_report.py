@@ -41,6 +41,10 @@ FIXTURES = {
          "wall_seconds": 7.5, "peak_rss_mb": 2048, "density": {"weight": 0.2, "edge": 0.2},
          "metrics": {"full_accuracy": 0.9, "sheaf_accuracy": 0.85, "complement_accuracy": 0.5, "kl": 0.123},
          "training": {"steps": 60}},
+        {"run": "ioi-sigmoid", "command": CMD + " --target-density weight=0.2,edge=0.2 --recipe sigmoid",
+         "threads": 2, "wall_seconds": 7.5, "peak_rss_mb": 2048, "density": {"weight": 0.2, "edge": 0.2},
+         "metrics": {"full_accuracy": 0.9, "sheaf_accuracy": 0.85, "complement_accuracy": 0.5, "kl": 0.1},
+         "training": {"steps": 60}},
         {"run": "ioi-staged", "command": CMD + " --schedule staged --config bench/configs/x.yaml", "threads": 2,
          "wall_seconds": 5.0, "peak_rss_mb": 1024, "density": {"weight": 0.5},
          "metrics": {"full_accuracy": 0.9, "sheaf_accuracy": 0.6, "complement_accuracy": 0.7, "kl": 0.5},
@@ -115,7 +119,8 @@ EXPECTED = {
         ("tiny-llama", "dtype", "int8")],
     "Generation": [("export, KV cache", "tokens/s", "80.1"), ("full model, HF cache", "seconds", "2.2000")],
     "Discovery: weight+edge and staged runs": [
-        ("ioi-joint", "schedule", "joint"), ("ioi-staged", "schedule", "staged"), ("ioi-paper", "schedule", "staged"), ("ioi-staged", "config", "x"),
+        ("ioi-joint", "schedule", "joint"), ("ioi-staged", "schedule", "staged"), ("ioi-paper", "schedule", "staged"), ("ioi-staged", "recipe", "—"), ("ioi-joint", "recipe", "concrete"),
+        ("ioi-sigmoid", "recipe", "sigmoid"),
         ("ioi-joint", "test accuracy full / sheaf / complement", "0.900 / 0.850 / 0.500"),
         ("ioi-joint", "kept", "weight 20.0%, edge 20.0%"), ("ioi-broken", "kept", "failed (status 9)")],
     "Several processes on one machine": [

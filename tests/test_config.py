@@ -2,15 +2,29 @@
 
 from __future__ import annotations
 
-from sheafprune import config
-from sheafprune.config import resolve_config
+import pytest
+import torch
+
+from sheafprune.config import RECIPES, resolve_config
 from sheafprune.discovery.gates import GATES
+from sheafprune.discovery.masks import rank_group
 from sheafprune.discovery.objective import FAITH_LOSSES
+from sheafprune.discovery.schedule import attribution_init
+from sheafprune.masked import masked_forward
+from sheafprune.models import tiny_model
+from sheafprune.arch import view_of
 
 
-def test_config_names_the_gates_and_losses_the_code_has():
-    """config.py lists the names without importing torch; they must be the implementations' keys."""
-    assert set(config.GATES) == set(GATES) and set(config.FAITH_LOSSES) == set(FAITH_LOSSES)
+@pytest.mark.parametrize("name", list(RECIPES))
+def test_every_recipe_names_what_the_code_has(name):
+    """config.py names each recipe's settings without importing torch; each must be one the code implements."""
+    r = RECIPES[name]
+    assert r.gate in GATES and r.faith_loss in FAITH_LOSSES, r
+    assert rank_group("w/q/0", r.rank_within) in ("weight", "w/q/0"), r
+    view = view_of(tiny_model("gpt2"))
+    masked_forward(view, torch.zeros(1, 3, dtype=torch.long), edge_grad=r.edge_grad)  # raises on an unknown name
+    assert attribution_init(resolve_config(overrides={"recipe": name})) == (r.init == "attribution")
+    assert r.init in ("constant", "attribution") and 0 < r.noise_final <= r.noise_start <= 1 and r.init_spread > 0
 
 
 def test_presets_sit_between_defaults_and_the_yaml_file_and_flags(tmp_path):
@@ -18,7 +32,8 @@ def test_presets_sit_between_defaults_and_the_yaml_file_and_flags(tmp_path):
     assert default.searches and default.granularity == ("neuron", "head") and default.schedule == "joint"
     paper = resolve_config(preset="discogp")
     assert (paper.schedule, paper.granularity, paper.searches) == ("staged", ("weight", "edge"), False)
-    assert (paper.gate, paper.faith_loss, paper.init) == ("concrete", "ce", "constant")
+    recipe = paper.recipe_settings
+    assert (paper.recipe, recipe.gate, recipe.faith_loss, recipe.init) == ("concrete", "concrete", "ce", "constant")
     yaml_file = tmp_path / "c.yaml"
     yaml_file.write_text("preset: discogp\nsteps: 7\ngranularity: [weight]\n")
     from_yaml = resolve_config(yaml_path=yaml_file)

@@ -198,30 +198,19 @@ def test_max_minutes_bounds_the_whole_run_including_the_test_evaluation(monkeypa
 
 
 @pytest.mark.parametrize("model", ["tiny-gpt2", "tiny-llama"])
-def test_secant_edge_grad_trains_reproducibly_to_the_target(model):
-    """edge_grad=secant (LayerNorm and RMSNorm readers): the run meets its targets, repeats bit for bit with the
-    same seed, and learns other edge masks than the plain gradient does (the weight masks start the same)."""
+def test_sigmoid_recipe_trains_reproducibly_to_the_target(model):
+    """The sigmoid recipe (noise-free gate annealed 0.5 -> 0.02, margin loss, attribution init, secant edge
+    gradient through LayerNorm and RMSNorm readers): the run meets its targets, repeats bit for bit with the same
+    seed, and learns other masks than the concrete recipe."""
     kw = dict(model=model, steps=20, early_stop=False, target_density="weight=0.3,edge=0.3")
-    a, b = (discover(cfg(**kw, edge_grad="secant"), progress=False) for _ in range(2))
-    plain = discover(cfg(**kw), progress=False)
+    a, b = (discover(cfg(**kw, recipe="sigmoid"), progress=False) for _ in range(2))
+    concrete = discover(cfg(**kw), progress=False)
     d = a.density()
     assert d["weight"] <= 0.3 * 1.02 and d["edge"] <= 0.3 * 1.02, f"densities {d} missed target 0.3"
     assert all(torch.equal(a.logits[k], b.logits[k]) for k in a.logits), "same seed, different logits"
     edges = [k for k in a.logits if k.startswith("edge/")]
-    assert any(not torch.equal(a.logits[k], plain.logits[k]) for k in edges), "secant trained the same edges"
-    assert a.meta["config"]["edge_grad"] == "secant"
-
-
-def test_sigmoid_gate_trains_reproducibly_to_the_target():
-    """The noise-free gate on its annealed temperature (0.5 -> 0.02): the run meets its targets and repeats bit for
-    bit with the same seed."""
-    kw = dict(gate="sigmoid", init="attribution", init_spread=2.0, noise_start=0.5, noise_final=0.02, steps=20,
-              early_stop=False, target_density="weight=0.3,edge=0.3")
-    a, b = discover(cfg(**kw), progress=False), discover(cfg(**kw), progress=False)
-    d = a.density()
-    assert d["weight"] <= 0.3 * 1.02 and d["edge"] <= 0.3 * 1.02, f"densities {d} missed target 0.3"
-    assert all(torch.equal(a.logits[k], b.logits[k]) for k in a.logits), "same seed, different logits"
-    assert a.meta["config"]["gate"] == "sigmoid"
+    assert any(not torch.equal(a.logits[k], concrete.logits[k]) for k in edges), "both recipes trained the same edges"
+    assert a.meta["config"]["recipe"] == "sigmoid" and concrete.meta["config"]["recipe"] == "concrete"
 
 
 def test_margin_loss_is_the_logit_difference_and_does_not_saturate():
@@ -242,15 +231,13 @@ def test_margin_loss_is_the_logit_difference_and_does_not_saturate():
     assert g_margin == 1.0 and sure.grad.abs().max().item() < 1e-8, (g_margin, sure.grad)
 
 
-def test_margin_faith_loss_trains_to_the_target_and_bad_names_are_user_errors():
+def test_unknown_recipe_and_recipe_settings_are_user_errors():
     from sheafprune.errors import UserError
 
-    run = discover(cfg(faith_loss="margin", steps=12, early_stop=False), progress=False)
-    d = run.density()
-    assert d["weight"] <= 0.3 * 1.02 and d["edge"] <= 0.3 * 1.02, f"densities {d} missed target 0.3"
-    assert run.meta["config"]["faith_loss"] == "margin"
-    with pytest.raises(UserError, match="faith_loss"):
-        cfg(faith_loss="hinge")
+    with pytest.raises(UserError, match="unknown recipe 'hinge'; use one of concrete, sigmoid"):
+        cfg(recipe="hinge")
+    with pytest.raises(UserError, match=r"unknown config key\(s\) edge_grad"):
+        cfg(edge_grad="secant")
 
 
 def test_full_scores_are_zero_kl_to_themselves_and_computed_once_per_item(monkeypatch):
@@ -273,13 +260,6 @@ def test_full_scores_are_zero_kl_to_themselves_and_computed_once_per_item(monkey
     assert not scored and again.shape[0] == 8, "cached items were scored again"
 
 
-def test_unknown_edge_grad_is_a_user_error():
-    from sheafprune.errors import UserError
-
-    with pytest.raises(UserError, match="edge_grad"):
-        cfg(edge_grad="exact")
-
-
 def test_same_seed_same_masks_other_seed_other_masks():
     a, b = discover(cfg(), progress=False), discover(cfg(), progress=False)
     c = discover(cfg(seed=1), progress=False)
@@ -288,8 +268,8 @@ def test_same_seed_same_masks_other_seed_other_masks():
     assert any(not torch.equal(a.logits[k], c.logits[k]) for k in a.logits), "seed had no effect"
 
 
-# the joint schedule (nsgd) from attribution-ranked logits; the staged preset (AdamW)
-@pytest.mark.parametrize("opts", [dict(init="attribution", early_stop=False),
+# the joint schedule (nsgd) from attribution-ranked logits (the sigmoid recipe); the staged preset (AdamW)
+@pytest.mark.parametrize("opts", [dict(recipe="sigmoid", early_stop=False),
                                   dict(schedule="staged", granularity="weight,edge", steps=6,
                                        target_density="", early_stop=False)])
 def test_resume_after_interrupt_equals_uninterrupted(tmp_path, monkeypatch, opts):
@@ -345,11 +325,11 @@ def test_cli_discover_writes_valid_sheaf(tmp_path):
     assert len(sheaf.curve) == sheaf.meta["training"]["steps"] and "sheaf written" in r.stdout
 
 
-@pytest.mark.parametrize("init", ["constant", "attribution"])
-def test_two_processes_equal_one_process(tmp_path, init):
+@pytest.mark.parametrize("recipe", ["concrete", "sigmoid"])
+def test_two_processes_equal_one_process(tmp_path, recipe):
     """The same global batch split over two gloo CPU processes gives the one-process masks."""
     args = ["discover", "--model", "tiny-llama", "--task", "ioi", "--n-items", "80", "--steps", "6",
-            "--batch-size", "8", "--target-density", "weight=0.3,edge=0.3", "--init", init]
+            "--batch-size", "8", "--target-density", "weight=0.3,edge=0.3", "--recipe", recipe]
     one = _run([str(BIN / "sheafprune"), *args, "--out", str(tmp_path / "one")])
     assert one.returncode == 0, one.stderr[-2000:]
     # accelerate's --cpu launcher starts one process unless given an MPI hostfile; --multi_gpu starts two

@@ -72,7 +72,7 @@ def reference(cfg, tmp_path_factory) -> Path:
 
 def _init_calls(cfg) -> int:
     """Loss evaluations before step 0: one per batch of an attribution init."""
-    return INIT_BATCHES if cfg.init == "attribution" else 0
+    return INIT_BATCHES if cfg.recipe_settings.init == "attribution" else 0
 
 
 def _interrupt_once(monkeypatch, owner, name: str, *, at_call: int, before: bool = True) -> None:
@@ -126,7 +126,7 @@ def test_corrupt_newest_checkpoint_falls_back_and_resume_still_matches(cfg, refe
     with monkeypatch.context() as m:
         # Ctrl-C in the forward of step 4 (0-based): the step finishes and is checkpointed as step 5, next to step 4.
         # An attribution init calls the loss INIT_BATCHES times before step 0.
-        _interrupt_once(m, objective.FAITH_LOSSES, cfg.faith_loss, at_call=5 + _init_calls(cfg))
+        _interrupt_once(m, objective.FAITH_LOSSES, cfg.recipe_settings.faith_loss, at_call=5 + _init_calls(cfg))
         with pytest.raises(KeyboardInterrupt):
             discover(cfg, out=out, progress=False)
     work = work_dir_for(out)

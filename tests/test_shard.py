@@ -61,7 +61,7 @@ def test_sharded_pieces_equal_unsharded_in_two_processes():
 
 def test_one_process_shard_masks_runs_the_sharded_code_with_one_shard():
     base = dict(model="tiny-gpt2", task="ioi", n_items=80, steps=8, batch_size=8, eval_every=4,
-                target_density="weight=0.3,edge=0.3", init="attribution")
+                target_density="weight=0.3,edge=0.3", recipe="sigmoid")
     a = discover(resolve_config(overrides=base), progress=False)
     b = discover(resolve_config(overrides={**base, "shard_masks": True}), progress=False)
     assert all(torch.equal(a.logits[k], b.logits[k]) for k in a.logits)
@@ -93,10 +93,9 @@ def test_sharded_two_processes_equal_one_process_and_resume(tmp_path):
     """tiny-llama, weight+edge masks (the exact distributed top-k at every step)."""
     (tmp_path / "opts.yaml").write_text("checkpoint_every: 2\n")
     args = ["discover", "--model", "tiny-llama", "--task", "ioi", "--n-items", "80", "--steps", "6", "--batch-size", "8",
-            "--target-density", "weight=0.3,edge=0.3", "--init", "constant", "--config", tmp_path / "opts.yaml"]
+            "--target-density", "weight=0.3,edge=0.3", "--config", tmp_path / "opts.yaml"]
     one = discover(resolve_config(yaml_path=tmp_path / "opts.yaml", overrides=dict(
-        model="tiny-llama", task="ioi", n_items=80, steps=6, batch_size=8, target_density="weight=0.3,edge=0.3",
-        init="constant")), progress=False)
+        model="tiny-llama", task="ioi", n_items=80, steps=6, batch_size=8, target_density="weight=0.3,edge=0.3")), progress=False)
     launch = [BIN / "accelerate", "launch", "--config_file", ROOT / "configs" / "accelerate-shard2.yaml"]
 
     two = _run([*launch, BIN / "sheafprune", *args, "--shard-masks", "--out", tmp_path / "two"])
@@ -129,7 +128,6 @@ def test_sharded_two_processes_equal_one_process_and_resume(tmp_path):
 
     # The sharded checkpoint resumes in one unsharded process too.
     unsharded = discover(resolve_config(yaml_path=tmp_path / "opts.yaml", overrides=dict(
-        model="tiny-llama", task="ioi", n_items=80, steps=6, batch_size=8, target_density="weight=0.3,edge=0.3",
-        init="constant")), out=tmp_path / "cut2", resume=True, progress=False)
+        model="tiny-llama", task="ioi", n_items=80, steps=6, batch_size=8, target_density="weight=0.3,edge=0.3")), out=tmp_path / "cut2", resume=True, progress=False)
     d, flips = _differ(one.logits, unsharded.logits)
     assert d < 1e-3 and flips == 0, f"sharded checkpoint resumed unsharded vs uninterrupted: {d:.3g}, {flips} flips"

@@ -55,7 +55,7 @@ class Trainer:
         self.select = Selection(cfg=cfg, params=params, data=self.data, stages=self.stages)
 
     def init_logits(self) -> None:
-        """Before step 1 of a fresh run: attribution-ranked logits (cfg.init), else keep DiscoGP's constant init."""
+        """Before step 1 of a fresh run: attribution-ranked logits (the recipe's init), else keep DiscoGP's constant init."""
         init_logits(cfg=self.cfg, view=self.view, params=self.params, data=self.data, accelerator=self.acc,
                     progress=self.progress)
 

@@ -97,10 +97,12 @@ def targets_at(cfg: DiscoverConfig, stage: Stage, local: int, start_density: flo
 
 
 def noise_scale(cfg: DiscoverConfig, stage: Stage, local: int) -> float:
-    """1 (DiscoGP) in the staged preset; noise_start -> noise_final over the warmup in the joint schedule."""
+    """1 (DiscoGP) in the staged preset; the recipe's noise_start -> noise_final over the warmup in the joint
+    schedule."""
     if stage.sparsity != "top-k":
         return 1.0
-    return ramp(local, start=cfg.noise_start, end=cfg.noise_final, steps=ramp_steps(stage))
+    recipe = cfg.recipe_settings
+    return ramp(local, start=recipe.noise_start, end=recipe.noise_final, steps=ramp_steps(stage))
 
 
 def lr_at(cfg: DiscoverConfig, stage: Stage, local: int) -> float:
@@ -113,7 +115,7 @@ def lr_at(cfg: DiscoverConfig, stage: Stage, local: int) -> float:
 
 def attribution_init(cfg: DiscoverConfig) -> bool:
     """Whether the run starts from attribution-ranked logits (joint schedule only), else DiscoGP's constant init."""
-    return cfg.init == "attribution" and cfg.schedule == "joint"
+    return cfg.recipe_settings.init == "attribution" and cfg.schedule == "joint"
 
 
 def initial_density(cfg: DiscoverConfig) -> float:
@@ -121,9 +123,9 @@ def initial_density(cfg: DiscoverConfig) -> float:
     ramp starts. From the init's distribution, not the logits, so a resumed run computes the same ramp."""
     stage = plan_stages(cfg)[0]
     scale = noise_scale(cfg, stage, 0)
-    c, a = INIT_MEAN, cfg.init_spread
+    c, a = INIT_MEAN, cfg.recipe_settings.init_spread
     grid = c + a * torch.linspace(-1, 1, 2001) if attribution_init(cfg) else torch.tensor([c])
-    return float(GATES[cfg.gate].p_keep(grid, scale).mean())  # attribution: logits uniform in c +- a
+    return float(GATES[cfg.recipe_settings.gate].p_keep(grid, scale).mean())  # attribution: logits uniform in c +- a
 
 
 def straight_through_taus(cfg: DiscoverConfig) -> dict[str, float]:
@@ -131,5 +133,5 @@ def straight_through_taus(cfg: DiscoverConfig) -> dict[str, float]:
     schedule with annealed noise, where a 0.01 gate would have a gradient only within ~0.1 of logit 0 (measured on
     SmolLM2/IOI: the weight masks then froze at their initial ranking and the sheaf never recovered), so 1.
     Node masks (neurons, heads) are few and coarse like edges: they get the edge temperature, 1."""
-    annealed = cfg.schedule == "joint" and cfg.noise_final < 1.0
+    annealed = cfg.schedule == "joint" and cfg.recipe_settings.noise_final < 1.0
     return {"weight": 1.0 if annealed else 0.01, "neuron": 1.0, "head": 1.0, "edge": 1.0}

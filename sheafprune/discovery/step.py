@@ -117,13 +117,14 @@ class TrainStep:
         targets = targets_at(self.cfg, stage, local, self.start_density)
         # the projection moves targeted types; only the others' expected density enters the loss
         in_loss = [t for t in stage.trained if t not in targets] if stage.sparsity == "top-k" else None
-        masks, comp, dens = self.params(trained=stage.trained, gate=self.cfg.gate, taus=self.taus,
+        recipe = self.cfg.recipe_settings
+        masks, comp, dens = self.params(trained=stage.trained, gate=recipe.gate, taus=self.taus,
                                         noise_seed=self.cfg.seed * 1_000_003 + step, noise_scale=scale,
                                         frozen_masks=frozen, density_grad=in_loss)
         batch = self.data.local_batch(step)
-        scores = task_scores(self.view, batch, masks, edge_grad=self.cfg.edge_grad)
-        faith = FAITH_LOSSES[self.cfg.faith_loss](scores, batch.target)
-        complete = completeness(task_scores(self.view, batch, comp, edge_grad=self.cfg.edge_grad))
+        scores = task_scores(self.view, batch, masks, edge_grad=recipe.edge_grad)
+        faith = FAITH_LOSSES[recipe.faith_loss](scores, batch.target)
+        complete = completeness(task_scores(self.view, batch, comp, edge_grad=recipe.edge_grad))
         if stage.sparsity == "top-k":
             # Targeted types are projected onto their ramp (masks.project); the others get DiscoGP's
             # plain sparsity pressure.
@@ -162,6 +163,6 @@ class TrainStep:
                 p.grad = self.acc.reduce(p.grad, reduction="mean")
         if nsgd:
             reduce = (lambda x: self.acc.reduce(x, reduction="sum")) if self.acc.num_processes > 1 else None
-            normalize_grads(self.params.named_logits(),
-                            sharded=self.params.sharded, reduce_sum=reduce, within=self.cfg.rank_within)
+            normalize_grads(self.params.named_logits(), sharded=self.params.sharded, reduce_sum=reduce,
+                            within=self.cfg.recipe_settings.rank_within)
         optimizer.step()

@@ -133,13 +133,13 @@ def discover_table(d: dict) -> str:
     out = []
     for r in d["rows"]:
         cmd = r.get("command", "")
-        # the recipe a flag names (the default otherwise), or the YAML file a run read its options from
+        # the recipe a flag or DiscoGP's preset names (the default otherwise), or the YAML file a run read its
+        # options from; results recorded before the recipes name a --schedule
         config = _flag(cmd, "--config")
-        recipe = _flag(cmd, "--recipe") or (Path(config).stem if config else "concrete")
-        # the schedule a flag names, or DiscoGP's preset's (staged), or the default (joint)
-        schedule = _flag(cmd, "--schedule") or {"discogp": "staged"}.get(_flag(cmd, "--preset") or "", "joint")
-        head = [r["run"], _flag(cmd, "--model"), _flag(cmd, "--task"), schedule,
-                recipe if schedule == "joint" else "—"]
+        recipe = (_flag(cmd, "--recipe") or {"discogp": "discogp"}.get(_flag(cmd, "--preset") or "")
+                  or (Path(config).stem if config else None) or "concrete")
+        schedule = "staged" if recipe == "discogp" or _flag(cmd, "--schedule") == "staged" else "joint"
+        head = [r["run"], _flag(cmd, "--model"), _flag(cmd, "--task"), schedule, recipe]
         if "failed" in r:
             out.append(head + [f"failed (status {r['failed']})"] + [None] * 6)
             continue

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from sheafprune.config import PRESETS, RECIPES, SCHEDULES, DiscoverConfig, resolve_config
+from sheafprune.config import PRESETS, RECIPES, DiscoverConfig, resolve_config
 
 
 def add_discover_options(p: argparse.ArgumentParser, *, required: bool = True) -> None:
@@ -21,10 +21,10 @@ def add_discover_options(p: argparse.ArgumentParser, *, required: bool = True) -
                    help="default (the keep search) or discogp (DiscoGP's recipe: weight and edge masks, weights then "
                         "edges); --config and flags override it")
     p.add_argument("--keep", type=float, help="the floor: share of the full model's accuracy to keep (default 0.95)")
-    p.add_argument("--schedule", choices=SCHEDULES, help="joint (default) or DiscoGP's staged weights-then-edges")
     p.add_argument("--recipe", choices=list(RECIPES),
-                   help="with --target-density: how the masks train: concrete (DiscoGP's gate and CE, default) or "
-                        "sigmoid (noise-free gate, margin loss, attribution init, secant edge gradient)")
+                   help="with --target-density: how the masks train: concrete (DiscoGP's gate and CE, all types "
+                        "together; default), sigmoid (noise-free gate, margin loss, attribution init, secant edge "
+                        "gradient) or discogp (DiscoGP's staged weights-then-edges)")
     p.add_argument("--steps", type=int)
     p.add_argument("--batch-size", dest="batch_size", type=int)
     p.add_argument("--lr", type=float)
@@ -42,7 +42,7 @@ def add_discover_options(p: argparse.ArgumentParser, *, required: bool = True) -
 
 
 def config_from_args(args: argparse.Namespace) -> DiscoverConfig:
-    keys = ("model", "task", "granularity", "target_density", "keep", "schedule", "recipe", "steps", "batch_size", "lr",
+    keys = ("model", "task", "granularity", "target_density", "keep", "recipe", "steps", "batch_size", "lr",
             "eval_every", "seed", "n_items", "max_minutes", "shard_masks")
     return resolve_config(yaml_path=args.config, overrides={k: getattr(args, k, None) for k in keys},
                           preset=getattr(args, "preset", None))

@@ -16,13 +16,14 @@ import yaml
 from .errors import UserError
 
 GRANULARITIES = ("weight", "neuron", "head", "edge")
-SCHEDULES = ("joint", "staged")
 
 
 @dataclass(frozen=True)
 class Recipe:
-    """How target mode's joint schedule trains the masks, beyond what it always does (docs/target-mode.md).
+    """How target mode trains the masks, beyond what it always does (docs/target-mode.md).
 
+    schedule: "joint" (all mask types together, nsgd, top-k on a ramp to the targets) | "staged" (DiscoGP's: weights,
+        then edges with the weight masks frozen and applied, under the paper's sparsity schedules, with AdamW).
     gate: "concrete" (DiscoGP's straight-through binary concrete) | "sigmoid" (noise-free: the mask is
         sigmoid(logit / s), s the noise scale acting as a temperature; discovery/gates.py).
     faith_loss: "ce" (DiscoGP's CE over the candidates) | "margin" (minus the right answer's logit margin over the
@@ -31,12 +32,13 @@ class Recipe:
         "secant", the loss change of flipping the edge taken exactly through its reader's norm (masked.flip_effects):
         a writer that dominates its reader's input has a gradient of ~0 at mask 1 yet breaks the reader.
     init: "constant" (DiscoGP's N(1, 0.01)) | "attribution" (logits spread over 1 +- init_spread by the rank of each
-        entry's |dLoss/dmask| on the full model, discovery/attribution.py). The staged schedule is always constant.
-    noise_start, noise_final: the gate's noise scale, annealed over the density ramp (1 = DiscoGP's).
+        entry's |dLoss/dmask| on the full model, discovery/attribution.py).
+    noise_start, noise_final: the gate's noise scale, annealed over the joint schedule's ramp (1 = DiscoGP's).
     rank_within: where the attribution init ranks and nsgd takes its gradient RMS: over each mask "type", or within
         each "tensor" (one weight matrix, one reader group of edges).
     """
 
+    schedule: str
     gate: str
     faith_loss: str
     edge_grad: str
@@ -47,29 +49,31 @@ class Recipe:
     rank_within: str
 
 
-# The two recipes that have kept a task at 5% of the weights and 5% of the edges on SmolLM2; every other setting of
-# these eight lost on IOI or anaphor (docs/weight-edge-experiments.md), so they are not separate options.
+# The two joint recipes that have kept a task at 5% of the weights and 5% of the edges on SmolLM2 (every other
+# setting of these lost on IOI or anaphor, docs/weight-edge-experiments.md, so they are not separate options), and
+# DiscoGP's own, to reproduce the paper.
 RECIPES: dict[str, Recipe] = {
     # DiscoGP's gate and loss, the noise annealed 1 -> 0.25 (it kept anaphor, though not on every trajectory).
-    "concrete": Recipe(gate="concrete", faith_loss="ce", edge_grad="gradient", init="constant", init_spread=1.0,
-                       noise_start=1.0, noise_final=0.25, rank_within="type"),
+    "concrete": Recipe(schedule="joint", gate="concrete", faith_loss="ce", edge_grad="gradient", init="constant",
+                       init_spread=1.0, noise_start=1.0, noise_final=0.25, rank_within="type"),
     # Noise-free, so an entry fades out over several steps and the loss sees what losing it costs: SmolLM2 breaks on
     # IOI once a random 7% of its weights or edges is gone, which the concrete gate samples at every step (IOI's).
-    "sigmoid": Recipe(gate="sigmoid", faith_loss="margin", edge_grad="secant", init="attribution", init_spread=2.0,
-                      noise_start=0.5, noise_final=0.02, rank_within="tensor"),
+    "sigmoid": Recipe(schedule="joint", gate="sigmoid", faith_loss="margin", edge_grad="secant", init="attribution",
+                      init_spread=2.0, noise_start=0.5, noise_final=0.02, rank_within="tensor"),
+    # DiscoGP's: staged, its concrete gate at noise scale 1, CE, constant initial logits.
+    "discogp": Recipe(schedule="staged", gate="concrete", faith_loss="ce", edge_grad="gradient", init="constant",
+                      init_spread=1.0, noise_start=1.0, noise_final=1.0, rank_within="type"),
 }
 
 # Named starting points: defaults < preset < YAML file < flags. "default" is the keep search (the smallest sheaf of
-# neurons and heads that keeps the task); "discogp" is DiscoGP's own recipe: weight and edge masks, trained in two
-# stages (weights, then edges with the weight masks frozen and applied) under the paper's sparsity schedules, with
-# its concrete gate, CE and AdamW (the staged schedule's optimizer).
+# neurons and heads that keeps the task); "discogp" is DiscoGP's own recipe on its own granularity, weights and edges.
 PRESETS: dict[str, dict[str, Any]] = {
     "default": {},
-    "discogp": {"schedule": "staged", "granularity": ("weight", "edge")},
+    "discogp": {"recipe": "discogp", "granularity": ("weight", "edge")},
 }
 
 # Options that take one of a few names, with the names they take.
-_CHOICES = {"schedule": SCHEDULES, "recipe": tuple(RECIPES)}
+_CHOICES = {"recipe": tuple(RECIPES)}
 _FLOATS = ("keep", "lr")
 
 
@@ -84,10 +88,9 @@ class DiscoverConfig:
     # The floor: a sheaf keeps the task if its accuracy (and answer-balanced accuracy, where answers are skewed) is at
     # least `keep` x the full model's. The keep search judges it on dev + select; export checks it on test.
     keep: float = 0.95
-    schedule: str = "joint"  # "joint": all mask types together; "staged": DiscoGP's weights-then-edges
-    # Target mode's joint schedule: how the masks train (RECIPES above; cfg.recipe_settings).
+    # With density targets: how the masks train (RECIPES above; cfg.recipe_settings).
     recipe: str = "concrete"
-    steps: int = 300  # optimizer steps (each stage gets all of them in "staged")
+    steps: int = 300  # optimizer steps (each stage gets all of them in the staged schedule)
     batch_size: int = 32  # global batch, split across processes
     # Learning rate of the mask logits. In the joint schedule it decays linearly after the density ramp to a tenth
     # by the last step (schedule.lr_at), so the sheaf stops churning at the target.
@@ -149,8 +152,12 @@ class DiscoverConfig:
         return RECIPES[self.recipe]
 
     @property
+    def schedule(self) -> str:
+        return self.recipe_settings.schedule
+
+    @property
     def searches(self) -> bool:
-        """No density targets (and not DiscoGP's staged preset): the keep search finds the density."""
+        """No density targets (and not DiscoGP's staged recipe): the keep search finds the density."""
         return not self.target_density and self.schedule == "joint"
 
     def to_dict(self) -> dict[str, Any]:

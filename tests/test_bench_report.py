@@ -119,8 +119,9 @@ EXPECTED = {
         ("tiny-llama", "dtype", "int8")],
     "Generation": [("export, KV cache", "tokens/s", "80.1"), ("full model, HF cache", "seconds", "2.2000")],
     "Discovery: weight+edge and staged runs": [
-        ("ioi-joint", "schedule", "joint"), ("ioi-staged", "schedule", "staged"), ("ioi-paper", "schedule", "staged"), ("ioi-staged", "recipe", "—"), ("ioi-joint", "recipe", "concrete"),
-        ("ioi-sigmoid", "recipe", "sigmoid"),
+        ("ioi-joint", "schedule", "joint"), ("ioi-staged", "schedule", "staged"), ("ioi-paper", "schedule", "staged"),
+        ("ioi-paper", "recipe", "discogp"), ("ioi-joint", "recipe", "concrete"), ("ioi-sigmoid", "recipe", "sigmoid"),
+        ("ioi-staged", "recipe", "x"),
         ("ioi-joint", "test accuracy full / sheaf / complement", "0.900 / 0.850 / 0.500"),
         ("ioi-joint", "kept", "weight 20.0%, edge 20.0%"), ("ioi-broken", "kept", "failed (status 9)")],
     "Several processes on one machine": [

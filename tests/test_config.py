@@ -33,12 +33,12 @@ def test_presets_sit_between_defaults_and_the_yaml_file_and_flags(tmp_path):
     paper = resolve_config(preset="discogp")
     assert (paper.schedule, paper.granularity, paper.searches) == ("staged", ("weight", "edge"), False)
     recipe = paper.recipe_settings
-    assert (paper.recipe, recipe.gate, recipe.faith_loss, recipe.init) == ("concrete", "concrete", "ce", "constant")
+    assert (paper.recipe, recipe.gate, recipe.faith_loss, recipe.init) == ("discogp", "concrete", "ce", "constant")
     yaml_file = tmp_path / "c.yaml"
     yaml_file.write_text("preset: discogp\nsteps: 7\ngranularity: [weight]\n")
     from_yaml = resolve_config(yaml_path=yaml_file)
     assert (from_yaml.schedule, from_yaml.granularity, from_yaml.steps) == ("staged", ("weight",), 7)
-    flagged = resolve_config(yaml_path=yaml_file, overrides={"steps": 9, "schedule": "joint", "target_density": "weight=0.1"},
+    flagged = resolve_config(yaml_path=yaml_file, overrides={"steps": 9, "recipe": "concrete", "target_density": "weight=0.1"},
                              preset="default")
     assert (flagged.schedule, flagged.granularity, flagged.steps) == ("joint", ("weight",), 9)
     assert "preset" not in flagged.to_dict()

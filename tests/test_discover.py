@@ -270,7 +270,7 @@ def test_same_seed_same_masks_other_seed_other_masks():
 
 # the joint schedule (nsgd) from attribution-ranked logits (the sigmoid recipe); the staged preset (AdamW)
 @pytest.mark.parametrize("opts", [dict(recipe="sigmoid", early_stop=False),
-                                  dict(schedule="staged", granularity="weight,edge", steps=6,
+                                  dict(recipe="discogp", granularity="weight,edge", steps=6,
                                        target_density="", early_stop=False)])
 def test_resume_after_interrupt_equals_uninterrupted(tmp_path, monkeypatch, opts):
     whole = discover(cfg(**opts), out=tmp_path / "whole", progress=False)
@@ -296,7 +296,7 @@ def test_resume_after_interrupt_equals_uninterrupted(tmp_path, monkeypatch, opts
 
 
 def test_staged_keeps_weight_masks_frozen_and_applied():
-    c = cfg(schedule="staged", steps=15, target_density="", granularity="weight,edge", early_stop=False)
+    c = cfg(recipe="discogp", steps=15, target_density="", granularity="weight,edge", early_stop=False)
     stages = plan_stages(c)
     assert [(s.name, s.trained) for s in stages] == [("weights", ("weight",)), ("edges", ("edge",))]
     sheaf = discover(c, progress=False)

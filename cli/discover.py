@@ -22,7 +22,7 @@ def add_discover_options(p: argparse.ArgumentParser, *, required: bool = True) -
                         "edges); --config and flags override it")
     p.add_argument("--keep", type=float, help="the floor: share of the full model's accuracy to keep (default 0.95)")
     p.add_argument("--recipe", choices=list(RECIPES),
-                   help="with --target-density: how the masks train: concrete (DiscoGP's gate and CE, all types "
+                   help="how the masks train toward --target-density: concrete (DiscoGP's gate and CE, all types "
                         "together; default), sigmoid (noise-free gate, margin loss, attribution init, secant edge "
                         "gradient) or discogp (DiscoGP's staged weights-then-edges)")
     p.add_argument("--steps", type=int)

@@ -223,6 +223,10 @@ def resolve_config(*, yaml_path: Optional[Path] = None, overrides: Optional[Mapp
     if values.get("target_density") and "granularity" not in values:
         values["granularity"] = tuple(t for t in GRANULARITIES if t in values["target_density"])
     try:
-        return DiscoverConfig(**values)
+        cfg = DiscoverConfig(**values)
     except TypeError as e:
         raise UserError(f"bad config value: {e}") from None
+    if "recipe" in values and cfg.searches:
+        raise UserError(f"--recipe {cfg.recipe} trains toward --target-density (e.g. weight=0.05,edge=0.05); without "
+                        "targets the keep search runs, which has one way to train")
+    return cfg

@@ -115,6 +115,7 @@ def test_candidates_that_tokenize_to_nothing(capsys, work, gpt2):
     (["--granularity", "weight,layer"], r"unknown granularity layer; use any of weight,neuron,head,edge"),
     (["--granularity", ","], r"unknown granularity \(empty\)"),
     (["--recipe", "relu"], r"invalid choice: 'relu'"),
+    (["--recipe", "sigmoid"], r"--recipe sigmoid trains toward --target-density"),
     (["--preset", "paper"], r"invalid choice: 'paper'"),
     (["--steps", "many"], r"invalid int value: 'many'"),
 ])

@@ -23,7 +23,8 @@ def test_every_recipe_names_what_the_code_has(name):
     assert rank_group("w/q/0", r.rank_within) in ("weight", "w/q/0"), r
     view = view_of(tiny_model("gpt2"))
     masked_forward(view, torch.zeros(1, 3, dtype=torch.long), edge_grad=r.edge_grad)  # raises on an unknown name
-    assert attribution_init(resolve_config(overrides={"recipe": name})) == (r.init == "attribution")
+    targets = {"target_density": "weight=0.1"} if r.schedule == "joint" else {}
+    assert attribution_init(resolve_config(overrides={"recipe": name, **targets})) == (r.init == "attribution")
     assert r.init in ("constant", "attribution") and 0 < r.noise_final <= r.noise_start <= 1 and r.init_spread > 0
 
 

@@ -169,7 +169,7 @@ class KeepSearch:
         self.progress = progress and accelerator.is_main_process
         self.logits = {k: torch.full(s, INIT_LOGIT, device=self.device, requires_grad=True)
                        for k, s in mask_shapes(view, cfg.granularity).items()}
-        self._reset_optimizer()
+        self._reset_training_state()
         self.n_units = {t: sum(v.numel() for k, v in self.logits.items() if is_type(k, t)) for t in SEARCH_TYPES}
         self.unit_params = unit_params(view)
         # Mean ablation: zero ablation kept IOI at 0.68 where the means kept 0.99 with half the heads removed.
@@ -189,7 +189,8 @@ class KeepSearch:
         self.judge_full = self._judge_scores(None)
         self.judge_seconds = time.perf_counter() - t0
 
-    def _reset_optimizer(self) -> None:
+    def _reset_training_state(self) -> None:
+        """Density multipliers at 0 and a fresh Adam over the logits: a pass starts from its logits alone."""
         self.multipliers = {t: 0.0 for t in SEARCH_TYPES}
         self.optimizer = torch.optim.Adam(list(self.logits.values()), lr=self.cfg.lr)
 
@@ -221,7 +222,7 @@ class KeepSearch:
             raise RunFailed("the ranked restart got a non-finite gradient: the model's outputs on this task are not "
                             "finite")
         self._spread(scores)
-        self._reset_optimizer()
+        self._reset_training_state()
 
     def _judge_scores(self, masks: Optional[dict[str, Tensor]]) -> tuple[Tensor, Tensor]:
         return split_scores(self.view, self.tok, self.judge_task, masks, split="judge",

@@ -4,7 +4,8 @@ The reference is a plain training forward+backward of the same batch: the stock 
 requiring grad, the loss at the last position. Against it: one step of the keep search (head and neuron masks,
 mean ablation, KL to cached full-model scores) and one step of target-mode training at weight+edge granularity
 and at neuron+head+edge granularity (the sheaf and its complement, through the writer stack). Each configuration runs in its own process, so its
-peak RSS is its own; every process times `reps` steps after one warm-up and reports the median.
+peak RSS is its own; every process times `reps` steps after one warm-up and reports the median; target mode scores
+the complement on every other step, so there it is the median of pairs of steps, each pair's mean.
 
     python -m bench.step_cost --quick     # tiny-llama, seconds
     python -m bench.step_cost             # smollm2-135m, IOI, batch 16
@@ -15,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import statistics
 import subprocess
 import sys
 import time
@@ -35,6 +35,7 @@ def _one(model_name: str, mode: str, batch: int, reps: int) -> dict:
 
     from sheafprune.arch import view_of
     from sheafprune.config import resolve_config
+    from sheafprune.discovery.search import median_step_seconds
     from sheafprune.models import load_model
     from sheafprune.tasks import encode, hold_out, load_task
 
@@ -75,13 +76,14 @@ def _one(model_name: str, mode: str, batch: int, reps: int) -> dict:
         def step() -> None:
             trainer.train_step()
             trainer.step += 1
+    cycle = trainer.step_cycle if mode in TARGETS else 1
     step()  # warm-up (also fills the full-model score cache of the first batch)
     times = []
     for _ in range(reps):
         t = time.perf_counter()
         step()
         times.append(time.perf_counter() - t)
-    return {"mode": mode, "model": model_name, "batch": batch, "seconds": round(statistics.median(times), 4),
+    return {"mode": mode, "model": model_name, "batch": batch, "seconds": median_step_seconds(times, cycle),
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
             "threads": torch.get_num_threads()}
 
@@ -94,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.child:
         print(json.dumps(_one(args.child[0], args.child[1], int(args.child[2]), int(args.child[3]))))
         return 0
-    model, batch, reps = ("tiny-llama", 16, 3) if args.quick else ("smollm2-135m", 16, 5)
+    model, batch, reps = ("tiny-llama", 16, 4) if args.quick else ("smollm2-135m", 16, 6)
     rows = []
     for mode in MODES:
         out = subprocess.run([sys.executable, "-m", "bench.step_cost", "--child", model, mode, str(batch), str(reps)],

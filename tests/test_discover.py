@@ -24,6 +24,7 @@ from sheafprune.discovery.data import RankData, batch_indices
 from sheafprune.discovery.loop import Trainer
 from sheafprune.discovery.schedule import LR_FINAL_SHARE, WARMUP, plan_stages
 from sheafprune.discovery.select import SELECT_ITEMS, dev_rank, sheaf_done
+from sheafprune.discovery.step import COMPLEMENT_EVERY, LAMBDA_COMPLETE
 from sheafprune.sheaf import load_sheaf
 from sheafprune.tasks import held_out_size
 
@@ -165,6 +166,20 @@ def test_the_sheaf_follows_the_ramp_at_every_step():
     rows = sheaf.curve
     assert rows[0]["target"]["edge"] > rows[-1]["target"]["edge"] == pytest.approx(0.3)
     assert {"loss", "faith", "complete", "kept", "expected"} <= set(rows[-1])
+
+
+def test_the_joint_schedule_scores_the_complement_every_other_step_at_twice_the_weight():
+    sheaf = discover(cfg(steps=6, target_density="weight=0.2,edge=0.3", early_stop=False), progress=False)
+    assert COMPLEMENT_EVERY == 2
+    for i, row in enumerate(sheaf.curve):
+        if i % COMPLEMENT_EVERY:
+            assert row["complete"] is None and row["loss"] == pytest.approx(row["faith"], rel=1e-6), row
+        else:  # every type is targeted, so no sparsity term: loss = faith + 2 * complete
+            assert row["loss"] == pytest.approx(row["faith"] + 2 * LAMBDA_COMPLETE * row["complete"], rel=1e-6), row
+    staged = discover(resolve_config(preset="discogp", overrides=dict(model="tiny-gpt2", task="ioi", n_items=80,
+                                                                      steps=4, batch_size=8, early_stop=False)),
+                      progress=False)
+    assert all(row["complete"] is not None for row in staged.curve), "DiscoGP's own recipe scores it every step"
 
 
 def test_lr_decays_after_the_ramp_to_a_tenth():

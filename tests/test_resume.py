@@ -29,6 +29,7 @@ from sheafprune.discovery import discover, work_dir_for
 from sheafprune.discovery.attribution import INIT_BATCHES
 from sheafprune.discovery.data import RankData
 from sheafprune.discovery.masks import MaskLogits
+from sheafprune.discovery.step import COMPLEMENT_EVERY
 from sheafprune.errors import UserError
 
 # Small but not trivial: masks move (lr 0.5), the target is met early so the best-sheaf tracking is exercised,
@@ -178,10 +179,14 @@ def test_nan_loss_stops_with_one_line_and_keeps_the_last_good_checkpoint(cfg, tm
     (tmp_path / "c.yaml").write_text(yaml.safe_dump({k: v for k, v in CONFIG.items()}))
     real, calls = step_module.task_scores, {"n": 0}
 
-    def nan_at_step_4(*args, **kwargs):  # two calls a step (sheaf, complement): calls 9-10 are step 4 (0-based),
-        calls["n"] += 1                   # after one call per batch of the attribution init
+    # one call per batch of the attribution init, then per step the sheaf's and, every COMPLEMENT_EVERY-th step,
+    # the complement's: the first call of step 4 (0-based) comes after these
+    before = _init_calls(resolve_config(overrides=CONFIG)) + sum(1 + (s % COMPLEMENT_EVERY == 0) for s in range(4))
+
+    def nan_at_step_4(*args, **kwargs):
+        calls["n"] += 1
         scores = real(*args, **kwargs)
-        return scores * float("nan") if calls["n"] == 9 + _init_calls(resolve_config(overrides=CONFIG)) else scores
+        return scores * float("nan") if calls["n"] == before + 1 else scores
 
     monkeypatch.setattr(step_module, "task_scores", nan_at_step_4)
     monkeypatch.setattr(attribution, "task_scores", nan_at_step_4)

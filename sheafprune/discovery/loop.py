@@ -29,7 +29,7 @@ from .data import RankData
 from .masks import MaskLogits
 from .schedule import plan_stages, stage_at, targets
 from .select import Selection
-from .step import TrainStep, make_optimizer
+from .step import TrainStep, complement_every, make_optimizer
 
 
 class Trainer:
@@ -47,6 +47,7 @@ class Trainer:
         self.curve: list[dict[str, Any]] = []
         self.step = 0
         self.step_times: list[float] = []  # seconds of each optimizer step of this process (training.step_seconds)
+        self.step_cycle = max(complement_every(s) for s in self.stages)  # steps differ in cost within a cycle
         self.elapsed = 0.0
         self.optimizer = make_optimizer(cfg, params, self.stages[0])
         self.data = RankData(cfg=cfg, view=view, tokenizer=tokenizer, task=task, params=params, accelerator=accelerator)
@@ -102,7 +103,8 @@ class Trainer:
         self.step_times.append(step_seconds)
         # Stop now if one more step and the closing evaluations would overrun the budget (spent = setup + earlier
         # steps + this one).
-        spent = self.setup_seconds + self.elapsed + 2 * step_seconds + self.select.closing_seconds()
+        spent = self.setup_seconds + self.elapsed + 2 * max(self.step_times[-self.step_cycle:]) + \
+            self.select.closing_seconds()
         out_of_time = self.cfg.max_minutes is not None and self._anyone(spent > 60 * self.cfg.max_minutes)
         stop = out_of_time
         if self.select.evaluate_now(row, stage, local + 1, self.step) or self.step == self.total_steps or out_of_time:

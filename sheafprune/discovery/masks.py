@@ -31,8 +31,10 @@ class MaskLogits(nn.Module):
 
     def forward(self, *, trained: tuple[str, ...], gate: str, taus: Mapping[str, float], noise_seed: int,
                 noise_scale: float = 1.0, frozen_masks: Optional[Mapping[str, Tensor]] = None,
-                density_grad: Optional[Collection[str]] = None) -> tuple[dict, dict, dict]:
-        """Sample masks for one step. Returns (masks, complement masks, expected density per trained type).
+                density_grad: Optional[Collection[str]] = None, complement: bool = True
+                ) -> tuple[dict, Optional[dict], dict]:
+        """Sample masks for one step. Returns (masks, complement masks or None without `complement`, expected
+        density per trained type).
 
         The expected density carries a gradient only for the types in `density_grad` (all trained types where
         None): the others are only reported, and their P(keep) would otherwise be kept for a backward that never
@@ -55,12 +57,15 @@ class MaskLogits(nn.Module):
             if noise is not None and noise_scale != 1.0:
                 noise.mul_(noise_scale)
             m = fn.sample(logit, noise, taus[t], noise_scale)
-            masks[key], comp[key] = m, 1.0 - m
+            masks[key] = m
+            if complement:
+                comp[key] = 1.0 - m
             with torch.set_grad_enabled(torch.is_grad_enabled() and (density_grad is None or t in density_grad)):
                 p = fn.p_keep(logit, noise_scale)
             kept[t] = kept.get(t, 0.0) + p.sum()
             count[t] = count.get(t, 0) + p.numel()
-        return self.for_forward(masks), self.for_forward(comp), self._density(kept, count)
+        return (self.for_forward(masks), self.for_forward(comp) if complement else None,
+                self._density(kept, count))
 
     def _noise(self, key: str, logit: Tensor, g: torch.Generator) -> Tensor:
         return logistic_noise(logit.shape, generator=g).to(logit.device)

@@ -30,6 +30,11 @@ ADAM_BETA2 = 0.9
 # Weight of the completeness loss (DiscoGP's lambda_c): 3 and 10 gave sheaves that fell to a fixed answer order on
 # BLiMP anaphor (docs/weight-edge-experiments.md).
 LAMBDA_COMPLETE = 1.0
+# The joint schedule scores the complement on every COMPLEMENT_EVERY-th step only, its loss weighted by as much: the
+# same objective in expectation, at a fraction of the complement's cost (a whole second pass through the writer stack
+# and, at weight granularity, through 10^8 masked weights). The staged preset, DiscoGP's own recipe, scores it at
+# every step. Measured in docs/step-cost.md.
+COMPLEMENT_EVERY = 2
 
 
 def make_optimizer(cfg: DiscoverConfig, params: MaskLogits, stage: Stage) -> torch.optim.Optimizer:
@@ -46,6 +51,11 @@ def make_optimizer(cfg: DiscoverConfig, params: MaskLogits, stage: Stage) -> tor
     if normalized(stage):
         return torch.optim.SGD(trained, lr=cfg.lr, momentum=0.9, dampening=0.9, fused=True)
     return torch.optim.AdamW(trained, lr=cfg.lr, betas=(0.9, ADAM_BETA2), weight_decay=0.0, fused=True)
+
+
+def complement_every(stage: Stage) -> int:
+    """Every how many steps the stage scores the complement (COMPLEMENT_EVERY in the joint schedule, else 1)."""
+    return COMPLEMENT_EVERY if normalized(stage) else 1
 
 
 def normalized(stage: Stage) -> bool:
@@ -118,13 +128,15 @@ class TrainStep:
         # the projection moves targeted types; only the others' expected density enters the loss
         in_loss = [t for t in stage.trained if t not in targets] if stage.sparsity == "top-k" else None
         recipe = self.cfg.recipe_settings
+        every = complement_every(stage)
         masks, comp, dens = self.params(trained=stage.trained, gate=recipe.gate, taus=self.taus,
                                         noise_seed=self.cfg.seed * 1_000_003 + step, noise_scale=scale,
-                                        frozen_masks=frozen, density_grad=in_loss)
+                                        frozen_masks=frozen, density_grad=in_loss, complement=step % every == 0)
         batch = self.data.local_batch(step)
         scores = task_scores(self.view, batch, masks, edge_grad=recipe.edge_grad)
         faith = FAITH_LOSSES[recipe.faith_loss](scores, batch.target)
-        complete = completeness(task_scores(self.view, batch, comp, edge_grad=recipe.edge_grad))
+        complete = (completeness(task_scores(self.view, batch, comp, edge_grad=recipe.edge_grad)) if comp is not None
+                    else None)
         if stage.sparsity == "top-k":
             # Targeted types are projected onto their ramp (masks.project); the others get DiscoGP's
             # plain sparsity pressure.
@@ -132,7 +144,7 @@ class TrainStep:
             sparse = torch.stack(untargeted).mean() if untargeted else torch.zeros((), device=faith.device)
         else:
             sparse = paper_lambda(stage, local) * torch.stack(list(dens.values())).mean()
-        loss = faith + LAMBDA_COMPLETE * complete + sparse
+        loss = faith + sparse + (LAMBDA_COMPLETE * every * complete if complete is not None else 0.0)
         if not torch.isfinite(loss):
             kept = (f"the last good checkpoint is in {self.work_dir}" if any(self.work_dir.glob("ckpt-*.json"))
                     else "no checkpoint was written yet")
@@ -145,11 +157,13 @@ class TrainStep:
             # logits costs ~1.7 s); evaluations project exactly.
             self.params.project(targets, exact=True, sample=2_000_000, seed=self.cfg.seed * 1_000_003 + step)
         kept = self.params.kept(stage.trained)
-        vals = torch.stack([loss.detach(), faith.detach(), complete.detach()])
+        nan = torch.full((), float("nan"), device=faith.device)
+        vals = torch.stack([loss.detach(), faith.detach(), nan if complete is None else complete.detach()])
         if self.acc.num_processes > 1:
             vals = self.acc.reduce(vals, reduction="mean")
         return {"step": step + 1, "stage": stage.name, "loss": float(vals[0]), "faith": float(vals[1]),
-                "complete": float(vals[2]), "expected": expected, "kept": kept, "target": targets,
+                "complete": None if complete is None else float(vals[2]),  # None: not scored this step
+                "expected": expected, "kept": kept, "target": targets,
                 "noise": round(scale, 4), "lr": lr}
 
     def _descend(self, loss: Tensor, optimizer: torch.optim.Optimizer, lr: float, nsgd: bool) -> None:

@@ -132,7 +132,7 @@ def _train(cfg: DiscoverConfig, *, view, tokenizer, task, params, acc, work_dir:
         # seconds: training steps and dev evaluations (all runs of a resumed discovery); wall_seconds: this process,
         # from loading the model to the test metrics (what --max-minutes bounds, with the training of earlier runs)
         "training": {"steps": trainer.step, "seconds": round(trainer.elapsed, 1),
-                     "step_seconds": median_step_seconds(trainer.step_times),
+                     "step_seconds": median_step_seconds(trainer.step_times, trainer.step_cycle),
                      "wall_seconds": round(time.perf_counter() - started, 1), "processes": acc.num_processes,
                      "best_step": None if best is None else best["step"],
                      # what the kept sheaf was judged on: dev, or dev + the select items held out of train

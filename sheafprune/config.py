@@ -29,7 +29,7 @@ class Recipe:
     faith_loss: "ce" (DiscoGP's CE over the candidates) | "margin" (minus the right answer's logit margin over the
         others: it does not saturate on a sheaf surer than the full model; discovery/objective.py).
     edge_grad: what the edge masks' straight-through estimator uses for dL/dmask: "gradient", autograd's, or
-        "secant", the loss change of flipping the edge taken exactly through its reader's norm (masked.flip_effects):
+        "secant", the loss change of flipping the edge taken exactly through its reader's norm (stack.flip_effects):
         a writer that dominates its reader's input has a gradient of ~0 at mask 1 yet breaks the reader.
     init: "constant" (DiscoGP's N(1, 0.01)) | "attribution" (logits spread over 1 +- init_spread by the rank of each
         entry's |dLoss/dmask| on the full model, discovery/attribution.py).

@@ -267,7 +267,7 @@ def test_flip_effects_equal_explicit_norm(norm):
     including writers far larger than the rest of the input (the case the plain gradient gets wrong)."""
     from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
-    from sheafprune.masked import _norm_eps, flip_effects
+    from sheafprune.stack import flip_effects, norm_eps
 
     torch.manual_seed(0)
     d, r, w, n = 8, 3, 5, 4
@@ -278,7 +278,7 @@ def test_flip_effects_equal_explicit_norm(norm):
     mask = (torch.rand(w, r) > 0.4).float()
     x = torch.einsum("wr,wnd->rnd", mask, o)
     g = torch.randn(r, n, d)
-    got = flip_effects(g, x, o, mask, mod.weight.detach(), _norm_eps(mod), centered=norm == "layernorm")
+    got = flip_effects(g, x, o, mask, mod.weight.detach(), norm_eps(mod), centered=norm == "layernorm")
     ref = torch.zeros(w, r)
     with torch.no_grad():
         for i in range(w):

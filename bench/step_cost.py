@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -97,15 +98,26 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(_one(args.child[0], args.child[1], int(args.child[2]), int(args.child[3]))))
         return 0
     model, batch, reps = ("tiny-llama", 16, 4) if args.quick else ("smollm2-135m", 16, 6)
-    rows = []
-    for mode in MODES:
+    def child(mode: str) -> dict:
         out = subprocess.run([sys.executable, "-m", "bench.step_cost", "--child", model, mode, str(batch), str(reps)],
                              capture_output=True, text=True, check=True)
-        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
-        print(json.dumps(rows[-1]), flush=True)
-    plain, host = rows[0]["seconds"], machine()
+        row = json.loads(out.stdout.strip().splitlines()[-1])
+        print(json.dumps(row), flush=True)
+        return row
+
+    # A plain step before and after each mode: the machine's speed drifts by 10-20% over minutes, so each ratio is
+    # taken against the plain steps timed next to it.
+    plains, rows = [child("plain")], []
+    for mode in MODES[1:]:
+        rows.append(child(mode))
+        plains.append(child("plain"))
+        rows[-1]["plain_seconds"] = round((plains[-2]["seconds"] + plains[-1]["seconds"]) / 2, 4)
+    plain = {**plains[0], "seconds": statistics.median(r["seconds"] for r in plains),
+             "seconds_each": [r["seconds"] for r in plains], "plain_seconds": None}
+    rows.insert(0, plain)
+    host = machine()
     for r in rows:
-        r["ratio_to_plain"] = round(r["seconds"] / plain, 2)
+        r["ratio_to_plain"] = round(r["seconds"] / (r["plain_seconds"] or r["seconds"]), 2)
         r["machine"] = host
     print("\n".join(f"{r['mode']:12s} {r['seconds']:.3f} s/step  {r['ratio_to_plain']:.2f}x plain  "
                     f"peak {r['peak_rss_mb'] / 1024:.2f} GiB" for r in rows))

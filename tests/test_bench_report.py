@@ -17,7 +17,7 @@ FIXTURES = {
         {"mode": "plain", "model": "m", "batch": 16, "seconds": 0.5, "peak_rss_mb": 1024.0, "threads": 2,
          "ratio_to_plain": 1.0, "machine": HOST},
         {"mode": "weight+edge", "model": "m", "batch": 16, "seconds": 3.655, "peak_rss_mb": 3072.0, "threads": 2,
-         "ratio_to_plain": 7.31, "machine": HOST}],
+         "plain_seconds": 0.5, "ratio_to_plain": 7.31, "machine": HOST}],
     "keep": [
         {"task": "ioi", "exit": 0, "wall_seconds": 123.4, "n_test": 100, "full_accuracy": 0.97, "export_accuracy": 0.96,
          "ratio": 0.99, "non_embedding_kept": 0.1234, "stopped": "floor", "not_kept": None, "speedup": 2.71},
@@ -106,7 +106,8 @@ EXPECTED = {
     "Machine": [(HOST_FILES, "CPU", "Test CPU 9000"), (HOST_FILES, "cores / threads", "6 / 12"),
                 (HOST_FILES, "RAM", "31.4 GiB"), (UNRECORDED, "CPU", "machine not recorded")],
     "Step cost": [("weight+edge", "ratio to plain", "7.31x"), ("weight+edge", "seconds / step", "3.6550"),
-                  ("weight+edge", "peak RSS (GiB)", "3.00"), ("plain", "ratio to plain", "1.00x")],
+                  ("weight+edge", "peak RSS (GiB)", "3.00"), ("weight+edge", "plain s / step", "0.5000"),
+                  ("plain", "ratio to plain", "1.00x")],
     "Keep search per task": [
         ("`ioi`", "export accuracy", "0.960"), ("`ioi`", "non-embedding params kept", "12.3%"),
         ("`ioi`", "torch speed-up", "2.71x"), ("`ioi`", "balanced full / export (ratio)", "—"),

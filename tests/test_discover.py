@@ -212,6 +212,25 @@ def test_max_minutes_bounds_the_whole_run_including_the_test_evaluation(monkeypa
     assert "dev" in sheaf.curve[-1], "the last step must be evaluated (the best sheaf is chosen on it)"
 
 
+def test_a_ramp_that_outlasts_the_budget_is_warned_of_once(monkeypatch, capsys):
+    # 0.1 s a step: 24 ramp steps of 60 take over 2.4 s, more than a 1.8 s budget and far less than a minute
+    original = Trainer.train_step
+
+    def slow(self):
+        time.sleep(0.1)
+        return original(self)
+
+    monkeypatch.setattr(Trainer, "train_step", slow)
+    warnings = {}
+    for minutes in (0.03, 1.0):
+        capsys.readouterr()
+        discover(cfg(steps=60, max_minutes=minutes, eval_every=50, early_stop=False), progress=False)
+        warnings[minutes] = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    assert len(warnings[0.03]) == 1 and "the density ramp ends at step 24" in warnings[0.03][0] and \
+        "stop short of its targets" in warnings[0.03][0], warnings
+    assert warnings[1.0] == [], warnings[1.0]
+
+
 @pytest.mark.parametrize("model", ["tiny-gpt2", "tiny-llama"])
 def test_sigmoid_recipe_trains_reproducibly_to_the_target(model):
     """The sigmoid recipe (noise-free gate annealed 0.5 -> 0.02, margin loss, attribution init, secant edge

@@ -27,7 +27,7 @@ from . import state
 from .attribution import init_logits
 from .data import RankData
 from .masks import MaskLogits
-from .schedule import plan_stages, stage_at, targets
+from .schedule import plan_stages, ramp_steps, stage_at, targets
 from .select import Selection
 from .step import TrainStep, complement_every, make_optimizer
 
@@ -110,6 +110,8 @@ class Trainer:
         if self.select.evaluate_now(row, stage, local + 1, self.step) or self.step == self.total_steps or out_of_time:
             stop = self.select.eval_and_track(row, stage, local + 1) or out_of_time
         self.elapsed += time.perf_counter() - t0
+        if len(self.step_times) == self.step_cycle:
+            self._warn_if_the_ramp_outlasts_the_budget(bar)
         row["time"] = round(self.elapsed, 3)
         self.curve.append(row)
         if log is not None and self.acc.is_main_process:
@@ -119,6 +121,21 @@ class Trainer:
         if self.step % self.cfg.checkpoint_every == 0 or stop:
             state.checkpoint(self)
         return stop
+
+    def _warn_if_the_ramp_outlasts_the_budget(self, bar) -> None:
+        """After this process's first cycle of steps: one warning line if, at that pace, the density ramp would end
+        after --max-minutes, so the run would stop short of its targets (evaluations not counted: it warns only
+        where even the steps alone do not fit)."""
+        last = self.stages[-1]
+        if self.cfg.max_minutes is None or not targets(self.cfg) or last.sparsity != "top-k":
+            return
+        ramp_end = sum(s.steps for s in self.stages[:-1]) + ramp_steps(last)
+        pace = sum(self.step_times) / len(self.step_times)
+        at_ramp_end = self.setup_seconds + self.elapsed + max(ramp_end - self.step, 0) * pace
+        if at_ramp_end > 60 * self.cfg.max_minutes and self.acc.is_main_process:
+            bar.write(f"warning: at {pace:.1f} s a step the density ramp ends at step {ramp_end}, about "
+                  f"{at_ramp_end / 60:.0f} min into a {self.cfg.max_minutes:g}-minute budget: the sheaf will stop short "
+                  f"of its targets; lower --steps or --batch-size, or raise --max-minutes", file=sys.stderr)
 
     def final_logits(self) -> dict[str, Tensor]:
         """The best dev sheaf that met the targets, else the last one (full tensors, on every rank)."""

@@ -134,8 +134,8 @@ class Trainer:
         at_ramp_end = self.setup_seconds + self.elapsed + max(ramp_end - self.step, 0) * pace
         if at_ramp_end > 60 * self.cfg.max_minutes and self.acc.is_main_process:
             bar.write(f"warning: at {pace:.1f} s a step the density ramp ends at step {ramp_end}, about "
-                  f"{at_ramp_end / 60:.0f} min into a {self.cfg.max_minutes:g}-minute budget: the sheaf will stop short "
-                  f"of its targets; lower --steps or --batch-size, or raise --max-minutes", file=sys.stderr)
+                      f"{at_ramp_end / 60:.0f} min into a {self.cfg.max_minutes:g}-minute budget: the sheaf will stop "
+                      f"short of its targets; lower --steps or --batch-size, or raise --max-minutes", file=sys.stderr)
 
     def final_logits(self) -> dict[str, Tensor]:
         """The best dev sheaf that met the targets, else the last one (full tensors, on every rank)."""

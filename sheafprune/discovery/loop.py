@@ -29,7 +29,7 @@ from .data import RankData
 from .masks import MaskLogits
 from .schedule import plan_stages, ramp_steps, stage_at, targets
 from .select import Selection
-from .step import TrainStep, complement_every, make_optimizer
+from .step import TrainStep, complement_every, make_optimizer, normalized
 
 
 class Trainer:
@@ -127,7 +127,7 @@ class Trainer:
         after --max-minutes, so the run would stop short of its targets (evaluations not counted: it warns only
         where even the steps alone do not fit)."""
         last = self.stages[-1]
-        if self.cfg.max_minutes is None or not targets(self.cfg) or last.sparsity != "top-k":
+        if self.cfg.max_minutes is None or not targets(self.cfg) or not normalized(last):  # joint only
             return
         ramp_end = sum(s.steps for s in self.stages[:-1]) + ramp_steps(last)
         pace = sum(self.step_times) / len(self.step_times)

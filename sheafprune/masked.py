@@ -24,9 +24,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .arch import ArchView, rotate_half
-from .arch.base import ParamFn
+from .arch.base import AttnParams, ParamFn
 from .graph import EDGE_OUT, edge_key, head_key, is_type, masked_weight_key, mean_key, neuron_key, weight_key
-from .stack import Stream
+from .stack import Stream, norm_eps
 
 Masks = Mapping[str, Tensor]
 
@@ -47,31 +47,58 @@ def _attn_bias(attention_mask: Tensor, dtype: torch.dtype) -> Tensor:
 
 
 def _read_qkv(stream: Stream, masks: Masks, layer: int, n_heads: int, n_kv: int, norm: torch.nn.Module,
-              secant: bool) -> tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
-    """The normed q, k and v reader inputs of one layer, (R, B, T, D) each, in a single stack read when all three
-    are edge-masked; and, where the MLP's edges are masked too, the MLP input's part from the writers already in
-    the stack, (B, T, D), read in the same pass (else None).
+              secant: bool) -> tuple[Tensor, Optional[Tensor]]:
+    """The q, k and v reader inputs of one layer, (R, B, T, D) with R = 1 (no edge masks: all read the residual
+    sum) or H + 2 KV (q heads, then k and v groups), in a single stack read; and, where the MLP's edges are masked
+    too, the MLP input's part from the writers already in the stack, (B, T, D), read in the same pass (else None).
+    The inputs are raw (_normed_heads norms them inside the projection), except with `secant`, whose tap needs
+    each reader's normed input: there they are normed.
 
     One read per layer, not two: a read costs a pass over every earlier writer's output in forward and two in
     backward (SmolLM2, weight+edge: the stack's matmuls were the largest item of a step). The MLP's edges from
     its own layer's heads are added in `_mlp`. The secant estimator taps each reader's whole input, so it reads
     the MLP's input separately."""
     mq, mk, mv, mm = (masks.get(edge_key(layer, s)) for s in ("q", "k", "v", "mlp"))
-    if mq is None or mk is None or mv is None:
-        return (*(stream.read_normed(m, norm, secant=secant) for m in (mq, mk, mv)), None)
+    read = (lambda m: stream.read_normed(m, norm, secant=True)) if secant else stream.read
+    if mq is None and mk is None and mv is None:
+        return read(None), None  # (1, B, T, D)
+    if mq is None or mk is None or mv is None:  # some edge-masked, some not: each reader its own input
+        parts = [read(m).expand(n, -1, -1, -1) for m, n in ((mq, n_heads), (mk, n_kv), (mv, n_kv))]
+        return torch.cat(parts), None
     if mm is None or secant:
-        x = stream.read_normed(torch.cat([mq, mk, mv], dim=1), norm, secant=secant)  # (H + 2 KV, B, T, D)
-        return (*x.split([n_heads, n_kv, n_kv]), None)
+        return read(torch.cat([mq, mk, mv], dim=1)), None  # (H + 2 KV, B, T, D)
     x = stream.read(torch.cat([mq, mk, mv, mm[:mq.shape[0], None]], dim=1))  # (H + 2 KV + 1, B, T, D)
-    # split, not slices: each slice's backward zero-fills and adds a whole (H + 2 KV + 1, B, T, D) gradient
+    # split, not slices: a slice's backward zero-fills and adds a whole (H + 2 KV + 1, B, T, D) gradient
     qkv, early = x.split([n_heads + 2 * n_kv, 1])
-    return (*norm(qkv).split([n_heads, n_kv, n_kv]), early[0])
+    return qkv, early[0]
 
 
 def _linear_heads(x: Tensor, w: Tensor, b: Optional[Tensor]) -> Tensor:
     """x (R, B, T, D) with R in {1, n}, w (n, D, e), b (n, e) -> (n, B, T, e)."""
     r, bsz, t, d = x.shape
     y = torch.matmul(x.reshape(r, bsz * t, d), w)  # (n, B*T, e)
+    if b is not None:
+        y = y + b[:, None, :]
+    return y.reshape(w.shape[0], bsz, t, w.shape[2])
+
+
+def _normed_heads(x: Tensor, norm: torch.nn.Module, w: Tensor, b: Optional[Tensor]) -> Tensor:
+    """norm(x) @ w + b for x (R, B, T, D) with R in {1, n}, w (n, D, e), b (n, e) -> (n, B, T, e), as
+    (x @ (gamma w) - mean(x) sum_D(gamma w)) / std(x) + beta @ w + b: the norm's weight gamma (and LayerNorm's bias
+    beta) folded into w, and its per-position scale applied to the e = d_head outputs instead of the D inputs.
+    The same function as norm-then-project, without the norm's elementwise passes over the (R, B, T, D) reader
+    inputs, which with edge masks are one per reader (15 a layer on SmolLM2) and were a tenth of a step."""
+    r, bsz, t, d = x.shape
+    xf = x.reshape(r, bsz * t, d)
+    wg = norm.weight[:, None] * w  # (n, D, e)
+    y = torch.matmul(xf, wg)  # (n, B*T, e)
+    if isinstance(norm, torch.nn.LayerNorm):
+        var, mean = torch.var_mean(xf, dim=-1, keepdim=True, correction=0)  # (R, B*T, 1) each
+        y = (y - mean * wg.sum(1, keepdim=True)) * torch.rsqrt(var + norm_eps(norm))
+        if norm.bias is not None:
+            y = y + (norm.bias @ w)[:, None, :]
+    else:  # RMSNorm
+        y = y * torch.rsqrt(torch.linalg.vector_norm(xf, dim=-1, keepdim=True).square() / d + norm_eps(norm))
     if b is not None:
         y = y + b[:, None, :]
     return y.reshape(w.shape[0], bsz, t, w.shape[2])
@@ -92,29 +119,51 @@ def _heads(view: ArchView, stream: Stream, masks: Masks, layer: int, w: ParamFn,
     spec = view.spec
     group = spec.n_heads // spec.n_kv_heads
     a = view.attn(layer, w)
-    yq, yk, yv, mlp_early = _read_qkv(stream, masks, layer, spec.n_heads, spec.n_kv_heads,
-                                      view.norm_module("attn", layer), secant)  # normed, (R, B, T, D) each
-    q = _apply_rope(_linear_heads(yq, a.wq, a.bq), rope)  # (H, B, T, hd)
-    k = _apply_rope(_linear_heads(yk, a.wk, a.bk), rope)  # (KV, B, T, hd)
-    v = _linear_heads(yv, a.wv, a.bv)  # (KV, B, T, hd)
+    norm = view.norm_module("attn", layer)
+    x, mlp_early = _read_qkv(stream, masks, layer, spec.n_heads, spec.n_kv_heads, norm, secant)  # (R, B, T, D)
+    # q, k and v in one batched matmul (its backward hands x one gradient, not three to concatenate)
+    w_qkv = torch.cat([a.wq, a.wk, a.wv])  # (H + 2 KV, D, hd)
+    b_qkv = None if a.bq is None and a.bk is None and a.bv is None else torch.cat(
+        [b if b is not None else a.wq.new_zeros(n, spec.d_head)
+         for b, n in ((a.bq, spec.n_heads), (a.bk, spec.n_kv_heads), (a.bv, spec.n_kv_heads))])
+    y = _linear_heads(x, w_qkv, b_qkv) if secant else _normed_heads(x, norm, w_qkv, b_qkv)  # (H + 2 KV, B, T, hd)
+    qk, v = y.split([spec.n_heads + spec.n_kv_heads, spec.n_kv_heads])
+    q, k = _apply_rope(qk, rope).split([spec.n_heads, spec.n_kv_heads])
     k, v = k.repeat_interleave(group, dim=0), v.repeat_interleave(group, dim=0)  # (H, B, T, hd)
     z = F.scaled_dot_product_attention(
         q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=bias, scale=spec.attn_scale
     ).transpose(0, 1)  # (H, B, T, hd)
-    h, bsz, t, hd = z.shape
-    heads = torch.matmul(z.reshape(h, bsz * t, hd), a.wo).reshape(h, bsz, t, -1)  # (H, B, T, D)
-    if a.bo is not None:
-        heads = heads + a.bo / h  # each head writes its share of the output bias
-    if taps is not None:
-        taps[head_key(layer)] = heads
-    head_mask = masks.get(head_key(layer))
-    if head_mask is not None:
-        hm = head_mask[:, None, None, None]  # (H, 1, 1, 1)
-        heads = heads * hm
-        head_mean = masks.get(mean_key(head_key(layer)))
-        if head_mean is not None:  # mean ablation: a pruned head writes its mean output, a constant
-            heads = heads + (1 - hm) * head_mean[:, None, None, :]  # (H, B, T, D)
+    heads = _head_outputs(z, a, masks.get(head_key(layer)), masks.get(mean_key(head_key(layer))), taps,
+                          head_key(layer))
     return heads, mlp_early
+
+
+def _head_outputs(z: Tensor, a: AttnParams, mask: Optional[Tensor], mean: Optional[Tensor],
+                  taps: Optional[dict[str, Tensor]], key: str) -> Tensor:
+    """What each head writes, (H, B, T, D), from its attention output z (H, B, T, hd): z @ wo plus its share of the
+    output bias, times its head mask, plus (1 - mask) times its mean output under mean ablation (a constant).
+    Unless a tap wants the unmasked outputs, the mask scales z (hd wide) instead of the output (D wide), and the
+    bias share and the mean fold into one (H, D) constant."""
+    h, bsz, t, hd = z.shape
+    const = None if a.bo is None else (a.bo / h).expand(h, -1)  # (H, D): each head writes its share of the bias
+    late = mask is not None and taps is not None
+    if mask is not None and not late:
+        m = mask[:, None]  # (H, 1)
+        z = z * m[..., None, None]
+        const = None if const is None else const * m
+        if mean is not None:
+            const = (1 - m) * mean if const is None else const + (1 - m) * mean
+    heads = torch.matmul(z.reshape(h, bsz * t, hd), a.wo).reshape(h, bsz, t, -1)  # (H, B, T, D)
+    if const is not None:
+        heads = heads + const[:, None, None, :]
+    if taps is not None:
+        taps[key] = heads
+    if late:
+        hm = mask[:, None, None, None]  # (H, 1, 1, 1)
+        heads = heads * hm
+        if mean is not None:
+            heads = heads + (1 - hm) * mean[:, None, None, :]
+    return heads
 
 
 def _mlp(view: ArchView, stream: Stream, masks: Masks, layer: int, w: ParamFn, *, secant: bool,

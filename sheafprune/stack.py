@@ -20,13 +20,16 @@ class _Stack:
     and no per-layer torch.cat copy is kept for backward (that would be O(layers^2) memory). In backward
     every read adds its writer gradient into G in place (mask @ grad); a writer's own backward node runs
     only after all reads that depend on it (autograd's topological order) and hands its rows of G to the
-    writer. Rows of S never change once written, which is why backward may use S directly.
+    writer. Rows of S never change once written, which is why backward may use S directly. G is not zero-filled
+    (a pass over the whole buffer): rows [0, g_rows) hold what reads added, and the first read to reach a row
+    writes it instead of adding to it.
     """
 
     def __init__(self, n_writers: int):
         self.n_writers = n_writers
         self.S: Optional[Tensor] = None
         self.G: Optional[Tensor] = None
+        self.g_rows = 0  # rows of G that reads have written; the rest hold no gradient yet
         self.rows = 0
         self._stats: Optional[tuple[Tensor, Tensor]] = None  # row_stats, once per pass
 
@@ -38,9 +41,24 @@ class _Stack:
             self._stats = ((rows * rows).sum(-1), rows.mean(-1))
         return self._stats
 
-    def grad_rows(self, start: int, stop: int) -> Tensor:
+    def add_grad(self, mask: Tensor, grad: Tensor) -> None:
+        """G[:W] += mask @ grad for a read of the first W rows; mask (W, R), grad (R, N)."""
         if self.G is None:
-            self.G = self.S.new_zeros(self.S.shape)
+            self.G = self.S.new_empty(self.S.shape)
+        w, done = mask.shape[0], min(self.g_rows, mask.shape[0])
+        if done:
+            self.G[:done].addmm_(mask[:done], grad)
+        if w > done:
+            torch.mm(mask[done:], grad, out=self.G[done:w])
+            self.g_rows = w
+
+    def grad_rows(self, start: int, stop: int) -> Tensor:
+        """A writer's rows of G, once every read of them has added to it."""
+        if self.G is None:
+            self.G = self.S.new_empty(self.S.shape)
+        if stop > self.g_rows:  # rows no read reached: zero gradient
+            self.G[self.g_rows:stop].zero_()
+            self.g_rows = stop
         return self.G[start:stop]
 
 
@@ -73,7 +91,7 @@ class _Read(torch.autograd.Function):
         (mask,) = ctx.saved_tensors
         S = ctx.stack.S[:ctx.w]  # (W, N)
         grad_mask = S @ grad.t() if ctx.needs_input_grad[0] else None  # (W, R)
-        ctx.stack.grad_rows(0, ctx.w).addmm_(mask, grad)  # G[:W] += mask @ grad
+        ctx.stack.add_grad(mask, grad)  # G[:W] += mask @ grad
         zeros = [torch.zeros((), dtype=grad.dtype, device=grad.device) for _ in ctx.needs_input_grad[2:]]
         return (grad_mask, None, *zeros)
 

@@ -243,6 +243,41 @@ def test_last_only_equals_last_position(model):
     assert last.shape == (3, 1, full.shape[-1]) and d <= TOL, f"last_only vs last position: max diff {d:.3g}"
 
 
+def test_absent_edge_masks_equal_all_ones(model):
+    """Absent keys mean all ones, also when only some of a layer's readers are edge-masked."""
+    ids, am = _inputs(True)
+    view = view_of(model)
+    g = torch.Generator().manual_seed(4)
+    edges = {k: torch.rand(s, generator=g) for k, s in mask_shapes(view, ("edge",)).items()}
+    some = {k: v for k, v in edges.items() if k.endswith(("/q", "/mlp"))}  # no k, v or output masks
+    ones = {**{k: torch.ones_like(v) for k, v in edges.items()}, **some}
+    d = _max_diff(masked_forward(view, ids, attention_mask=am, masks=some),
+                  masked_forward(view, ids, attention_mask=am, masks=ones), am)
+    print(f"absent edge masks vs all-ones: max diff {d:.3g}")
+    assert d <= TOL, f"absent edge masks vs all-ones: max diff {d:.3g}"
+
+
+def test_soft_head_masks_with_means_fold_exactly(model):
+    """Without taps a head mask scales the attention output before W_O and its bias share and mean fold into a
+    constant; with taps (which want the unmasked outputs) it scales the heads' outputs. Both, and their gradients,
+    must agree for soft masks under mean ablation."""
+    ids, am = _inputs(True)
+    view = view_of(model)
+    spec = view.spec
+    g = torch.Generator().manual_seed(3)
+    soft = {f"head/{l}": torch.rand(spec.n_heads, generator=g) for l in range(spec.n_layers)}
+    means = {f"mean/head/{l}": torch.randn(spec.n_heads, spec.d_model, generator=g) for l in range(spec.n_layers)}
+    runs = []
+    for taps in (None, {}):
+        masks = {**{k: v.clone().requires_grad_() for k, v in soft.items()}, **means}
+        out = masked_forward(view, ids, attention_mask=am, masks=masks, taps=taps)
+        out[am.bool()].square().mean().backward()
+        runs.append((out.detach(), torch.stack([masks[f"head/{l}"].grad for l in range(spec.n_layers)])))
+    d, dg = _max_diff(runs[0][0], runs[1][0], am), (runs[0][1] - runs[1][1]).abs().max().item()
+    print(f"head mask folded vs on the outputs: logits max diff {d:.3g}, mask gradients max diff {dg:.3g}")
+    assert d <= TOL and dg <= 1e-4, f"logits max diff {d:.3g}, mask gradients max diff {dg:.3g}"
+
+
 def test_edge_mask_gradients_equal_reference(model):
     """The stack read has a hand-written backward; its mask and activation gradients must equal autograd's
     through the plain per-reader reference."""

@@ -241,9 +241,12 @@ def masked_forward(
         stream.add(heads)
         stream.add(_mlp(view, stream, masks, layer, w, secant=secant, taps=taps, early=mlp_early, heads=heads))
 
-    # Normed at every position (cheap next to the head), which the secant's tap needs.
-    final = stream.read_normed(masks.get(EDGE_OUT), view.norm_module("final", -1), secant=secant).reshape(bsz, t, -1)
-    # contiguous: on a strided (B, 1, D) slice the head's matmul broadcasts its weight, 5x slower on CPU
+    out_mask, norm = masks.get(EDGE_OUT), view.norm_module("final", -1)
+    if last_only and not secant:  # the head reads the last position only, and so does the final norm
+        return view.head(norm(stream.read(out_mask, last=True)).reshape(bsz, 1, -1))  # (B, 1, V)
+    final = stream.read_normed(out_mask, norm, secant=secant).reshape(bsz, t, -1)  # normed at every position: the
+    # secant's tap needs them; contiguous: on a strided (B, 1, D) slice the head's matmul broadcasts its weight, 5x
+    # slower on CPU
     return view.head(final[:, -1:].contiguous() if last_only else final)  # (B, T, V) or (B, 1, V)
 
 

@@ -30,6 +30,7 @@ class _Stack:
         self.S: Optional[Tensor] = None
         self.G: Optional[Tensor] = None
         self.g_rows = 0  # rows of G that reads have written; the rest hold no gradient yet
+        self.last: list[tuple[Tensor, Tensor]] = []  # last-position reads' (mask, grad), added in grad_rows
         self.rows = 0
         self._stats: Optional[tuple[Tensor, Tensor]] = None  # row_stats, once per pass
 
@@ -59,6 +60,10 @@ class _Stack:
         if stop > self.g_rows:  # rows no read reached: zero gradient
             self.G[self.g_rows:stop].zero_()
             self.g_rows = stop
+        for mask, grad in self.last:  # mask (W, R), grad (R, B, D): each writer's rows take their share once
+            if start < mask.shape[0]:
+                rows = self.G[start:stop].view(stop - start, grad.shape[1], -1, grad.shape[2])  # (n, B, T, D)
+                rows[:min(stop, mask.shape[0]) - start, :, -1] += torch.tensordot(mask[start:stop], grad, dims=1)
         return self.G[start:stop]
 
 
@@ -94,6 +99,28 @@ class _Read(torch.autograd.Function):
         ctx.stack.add_grad(mask, grad)  # G[:W] += mask @ grad
         zeros = [torch.zeros((), dtype=grad.dtype, device=grad.device) for _ in ctx.needs_input_grad[2:]]
         return (grad_mask, None, *zeros)
+
+
+class _ReadLast(torch.autograd.Function):
+    """_Read at the last position only: mask (W, R) -> (R, B*D), for the final norm of a next-token task, whose
+    head reads only that position. Its writer gradient touches one position of G's rows, so it is kept until
+    each writer takes its rows (_Stack.grad_rows) instead of being added over the whole buffer."""
+
+    @staticmethod
+    def forward(ctx, mask: Tensor, stack: _Stack, shape: torch.Size, *tokens: Tensor) -> Tensor:
+        w, (b, t, d) = mask.shape[0], shape
+        last = stack.S[:w].view(w, b, t, d)[:, :, -1].reshape(w, b * d)  # a copy: (W, B*D)
+        ctx.stack, ctx.last, ctx.bd = stack, last, (b, d)
+        ctx.save_for_backward(mask)
+        return mask.t() @ last
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (mask,) = ctx.saved_tensors
+        grad_mask = ctx.last @ grad.t() if ctx.needs_input_grad[0] else None  # (W, R)
+        ctx.stack.last.append((mask, grad.reshape(grad.shape[0], *ctx.bd)))
+        zeros = [torch.zeros((), dtype=grad.dtype, device=grad.device) for _ in ctx.needs_input_grad[3:]]
+        return (grad_mask, None, None, *zeros)
 
 
 def flip_effects(g: Tensor, x: Tensor, o: Tensor, mask: Tensor, gamma: Tensor, eps: float, *, centered: bool,
@@ -172,14 +199,19 @@ class Stream:
         s = chunk.sum(0)
         self.total = s if self.total is None else self.total + s
 
-    def read(self, mask: Optional[Tensor]) -> Tensor:
-        """mask (W, R) -> (R, B, T, D); mask (W,) -> (B, T, D); None -> the plain sum, as (1, B, T, D)."""
+    def read(self, mask: Optional[Tensor], *, last: bool = False) -> Tensor:
+        """mask (W, R) -> (R, B, T, D); mask (W,) -> (B, T, D); None -> the plain sum, as (1, B, T, D).
+        `last`: the last position only (T = 1 in those shapes)."""
         if mask is None:
-            return self.total.unsqueeze(0)
+            return (self.total[:, -1:] if last else self.total).unsqueeze(0)
         single = mask.dim() == 1
         m = (mask.unsqueeze(1) if single else mask).to(self.stack.S.dtype)  # (W, R)
         assert m.shape[0] == self.stack.rows, f"edge mask has {m.shape[0]} writer rows, stream has {self.stack.rows}"
-        out = _Read.apply(m, self.stack, *self.tokens).reshape(m.shape[1], *self.shape)  # (R, B, T, D)
+        b, t, d = self.shape
+        if last:
+            out = _ReadLast.apply(m, self.stack, self.shape, *self.tokens).reshape(m.shape[1], b, 1, d)
+        else:
+            out = _Read.apply(m, self.stack, *self.tokens).reshape(m.shape[1], b, t, d)  # (R, B, T, D)
         return out[0] if single else out
 
     def read_normed(self, mask: Optional[Tensor], norm: torch.nn.Module, *, secant: bool) -> Tensor:

@@ -243,6 +243,25 @@ def test_last_only_equals_last_position(model):
     assert last.shape == (3, 1, full.shape[-1]) and d <= TOL, f"last_only vs last position: max diff {d:.3g}"
 
 
+def test_last_only_edge_read_equals_last_position(model):
+    """With edge masks the final norm reads the stack at the last position only; its logits and every mask's
+    gradient (the writers' share of it is added to the stack's gradient rows late) must equal the full read's."""
+    ids, am = _inputs(True)
+    view = view_of(model)
+    g = torch.Generator().manual_seed(5)
+    soft = {k: torch.rand(s, generator=g) for k, s in mask_shapes(view, ("neuron", "head", "edge")).items()}
+    runs = []
+    for last_only in (False, True):
+        masks = {k: v.clone().requires_grad_() for k, v in soft.items()}
+        out = masked_forward(view, ids, attention_mask=am, masks=masks, last_only=last_only)[:, -1]
+        out.square().mean().backward()
+        runs.append((out.detach(), masks))
+    d = (runs[0][0] - runs[1][0]).abs().max().item()
+    dg = max((runs[0][1][k].grad - runs[1][1][k].grad).abs().max().item() for k in soft)
+    print(f"last-position edge read vs full: logits max diff {d:.3g}, mask gradients max diff {dg:.3g}")
+    assert d <= TOL and dg <= 1e-4, f"logits max diff {d:.3g}, mask gradients max diff {dg:.3g}"
+
+
 def test_absent_edge_masks_equal_all_ones(model):
     """Absent keys mean all ones, also when only some of a layer's readers are edge-masked."""
     ids, am = _inputs(True)

@@ -114,8 +114,9 @@ def _apply_rope(x: Tensor, rope: Optional[tuple[Tensor, Tensor]]) -> Tensor:
 def _heads(view: ArchView, stream: Stream, masks: Masks, layer: int, w: ParamFn, *, bias: Tensor,
            rope: Optional[tuple[Tensor, Tensor]], secant: bool, taps: Optional[dict[str, Tensor]]
            ) -> tuple[Tensor, Optional[Tensor]]:
-    """What the heads of `layer` write, (H, B, T, D), under their head masks (and mean ablation); and the MLP
-    input's part from earlier writers where _read_qkv read it (else None)."""
+    """What the heads of `layer` write, (H, B, T, D), under their head masks (and mean ablation); and, where
+    _read_qkv read the MLP's input from the earlier writers, that input with the edges from these heads added
+    (B, T, D), else None."""
     spec = view.spec
     group = spec.n_heads // spec.n_kv_heads
     a = view.attn(layer, w)
@@ -133,51 +134,53 @@ def _heads(view: ArchView, stream: Stream, masks: Masks, layer: int, w: ParamFn,
     z = F.scaled_dot_product_attention(
         q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=bias, scale=spec.attn_scale
     ).transpose(0, 1)  # (H, B, T, hd)
-    heads = _head_outputs(z, a, masks.get(head_key(layer)), masks.get(mean_key(head_key(layer))), taps,
-                          head_key(layer))
+    heads, zs, const = _head_outputs(z, a, masks.get(head_key(layer)), masks.get(mean_key(head_key(layer))), taps,
+                                     head_key(layer))
+    if mlp_early is not None:  # the MLP's edges from these heads: sum_h own[h] heads[h], computed from zs (hd wide)
+        h, bsz, t, hd = zs.shape
+        own = masks[edge_key(layer, "mlp")][-h:].to(zs.dtype)  # (H,)
+        zo = (zs * own[:, None, None, None]).permute(1, 2, 0, 3).reshape(bsz * t, h * hd)
+        mlp_early = mlp_early + (zo @ a.wo.reshape(h * hd, -1)).reshape(bsz, t, -1)
+        if const is not None:
+            mlp_early = mlp_early + own @ const
     return heads, mlp_early
 
 
 def _head_outputs(z: Tensor, a: AttnParams, mask: Optional[Tensor], mean: Optional[Tensor],
-                  taps: Optional[dict[str, Tensor]], key: str) -> Tensor:
+                  taps: Optional[dict[str, Tensor]], key: str) -> tuple[Tensor, Tensor, Optional[Tensor]]:
     """What each head writes, (H, B, T, D), from its attention output z (H, B, T, hd): z @ wo plus its share of the
     output bias, times its head mask, plus (1 - mask) times its mean output under mean ablation (a constant).
-    Unless a tap wants the unmasked outputs, the mask scales z (hd wide) instead of the output (D wide), and the
-    bias share and the mean fold into one (H, D) constant."""
+    The mask scales z (hd wide) rather than the output (D wide), and the bias share and the mean fold into one
+    constant: also returned are that scaled z (H, B, T, hd) and the constant (H, D) (None if there is none), so
+    that heads[h] = zs[h] @ wo[h] + const[h]."""
     h, bsz, t, hd = z.shape
-    const = None if a.bo is None else (a.bo / h).expand(h, -1)  # (H, D): each head writes its share of the bias
-    late = mask is not None and taps is not None
-    if mask is not None and not late:
+    share = None if a.bo is None else (a.bo / h).expand(h, -1)  # (H, D): each head writes its share of the bias
+    if taps is not None:  # what the heads write before their masks
+        taps[key] = _out_proj(z, a.wo, share)
+    zs, const = z, share
+    if mask is not None:
         m = mask[:, None]  # (H, 1)
-        z = z * m[..., None, None]
-        const = None if const is None else const * m
+        zs = z * m[..., None, None]
+        const = None if share is None else share * m
         if mean is not None:
             const = (1 - m) * mean if const is None else const + (1 - m) * mean
-    heads = torch.matmul(z.reshape(h, bsz * t, hd), a.wo).reshape(h, bsz, t, -1)  # (H, B, T, D)
-    if const is not None:
-        heads = heads + const[:, None, None, :]
-    if taps is not None:
-        taps[key] = heads
-    if late:
-        hm = mask[:, None, None, None]  # (H, 1, 1, 1)
-        heads = heads * hm
-        if mean is not None:
-            heads = heads + (1 - hm) * mean[:, None, None, :]
-    return heads
+    return _out_proj(zs, a.wo, const), zs, const
+
+
+def _out_proj(z: Tensor, wo: Tensor, const: Optional[Tensor]) -> Tensor:
+    """z (H, B, T, hd), wo (H, hd, D), const (H, D) or None -> z[h] @ wo[h] + const[h], (H, B, T, D)."""
+    h, bsz, t, hd = z.shape
+    out = torch.matmul(z.reshape(h, bsz * t, hd), wo).reshape(h, bsz, t, -1)
+    return out if const is None else out + const[:, None, None, :]
 
 
 def _mlp(view: ArchView, stream: Stream, masks: Masks, layer: int, w: ParamFn, *, secant: bool,
-         taps: Optional[dict[str, Tensor]], early: Optional[Tensor], heads: Tensor) -> Tensor:
-    """What the MLP of `layer` writes, (1, B, T, D), under its neuron mask (and mean ablation). `early`: its input
-    from the writers before this layer's heads (_read_qkv), to which the edges from `heads` (H, B, T, D), what
-    those heads wrote, are added here."""
+         taps: Optional[dict[str, Tensor]], x_in: Optional[Tensor]) -> Tensor:
+    """What the MLP of `layer` writes, (1, B, T, D), under its neuron mask (and mean ablation). `x_in`: its input
+    (B, T, D) before the norm where `_heads` made it, else None (it is read from the stream here)."""
     m = view.mlp(layer, w)
     norm, mask = view.norm_module("mlp", layer), masks.get(edge_key(layer, "mlp"))
-    if early is None:
-        xm = stream.read_normed(mask, norm, secant=secant)  # (B, T, D) or (1, B, T, D)
-    else:
-        own = mask[-heads.shape[0]:].to(heads.dtype)  # (H,)
-        xm = norm(early + torch.tensordot(own, heads, dims=1))  # (B, T, D)
+    xm = stream.read_normed(mask, norm, secant=secant) if x_in is None else norm(x_in)  # ([1,] B, T, D)
     bsz, t = xm.shape[-3], xm.shape[-2]
     hidden = xm @ m.w_in + (m.b_in if m.b_in is not None else 0)  # (..., B, T, I)
     if m.w_gate is not None:
@@ -239,7 +242,7 @@ def masked_forward(
     for layer in range(spec.n_layers):
         heads, mlp_early = _heads(view, stream, masks, layer, w, bias=bias, rope=rope, secant=secant, taps=taps)
         stream.add(heads)
-        stream.add(_mlp(view, stream, masks, layer, w, secant=secant, taps=taps, early=mlp_early, heads=heads))
+        stream.add(_mlp(view, stream, masks, layer, w, secant=secant, taps=taps, x_in=mlp_early))
 
     out_mask, norm = masks.get(EDGE_OUT), view.norm_module("final", -1)
     if last_only and not secant:  # the head reads the last position only, and so does the final norm

@@ -21,8 +21,8 @@ class _Stack:
     every read adds its writer gradient into G in place (mask @ grad); a writer's own backward node runs
     only after all reads that depend on it (autograd's topological order) and hands its rows of G to the
     writer. Rows of S never change once written, which is why backward may use S directly. G is not zero-filled
-    (a pass over the whole buffer): rows [0, g_rows) hold what reads added, and the first read to reach a row
-    writes it instead of adding to it.
+    (a pass over the whole buffer): rows [0, g_rows) hold what reads added, the first read to reach a row
+    writes it instead of adding to it, and rows that no read reached are zeroed when their writer takes them.
     """
 
     def __init__(self, n_writers: int):
@@ -57,9 +57,10 @@ class _Stack:
         """A writer's rows of G, once every read of them has added to it."""
         if self.G is None:
             self.G = self.S.new_empty(self.S.shape)
-        if stop > self.g_rows:  # rows no read reached: zero gradient
-            self.G[self.g_rows:stop].zero_()
-            self.g_rows = stop
+        if stop > self.g_rows:  # rows no read reached: zero gradient (reads still to come end before `start`)
+            self.G[max(start, self.g_rows):stop].zero_()
+            if start <= self.g_rows:
+                self.g_rows = stop
         for mask, grad in self.last:  # mask (W, R), grad (R, B, D): each writer's rows take their share once
             if start < mask.shape[0]:
                 rows = self.G[start:stop].view(stop - start, grad.shape[1], -1, grad.shape[2])  # (n, B, T, D)

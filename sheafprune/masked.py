@@ -56,7 +56,7 @@ def _read_qkv(stream: Stream, masks: Masks, layer: int, n_heads: int, n_kv: int,
 
     One read per layer, not two: a read costs a pass over every earlier writer's output in forward and two in
     backward (SmolLM2, weight+edge: the stack's matmuls were the largest item of a step). The MLP's edges from
-    its own layer's heads are added in `_mlp`. The secant estimator taps each reader's whole input, so it reads
+    its own layer's heads are added in `_heads`. The secant estimator taps each reader's whole input, so it reads
     the MLP's input separately."""
     mq, mk, mv, mm = (masks.get(edge_key(layer, s)) for s in ("q", "k", "v", "mlp"))
     read = (lambda m: stream.read_normed(m, norm, secant=True)) if secant else stream.read

@@ -44,28 +44,31 @@ class _Stack:
 
     def add_grad(self, mask: Tensor, grad: Tensor) -> None:
         """G[:W] += mask @ grad for a read of the first W rows; mask (W, R), grad (R, N)."""
-        if self.G is None:
-            self.G = self.S.new_empty(self.S.shape)
+        G = self._grad_buffer()
         w, done = mask.shape[0], min(self.g_rows, mask.shape[0])
         if done:
-            self.G[:done].addmm_(mask[:done], grad)
+            G[:done].addmm_(mask[:done], grad)
         if w > done:
-            torch.mm(mask[done:], grad, out=self.G[done:w])
+            torch.mm(mask[done:], grad, out=G[done:w])
             self.g_rows = w
+
+    def _grad_buffer(self) -> Tensor:
+        if self.G is None:
+            self.G = self.S.new_empty(self.S.shape)  # uninitialized: see the class docstring
+        return self.G
 
     def grad_rows(self, start: int, stop: int) -> Tensor:
         """A writer's rows of G, once every read of them has added to it."""
-        if self.G is None:
-            self.G = self.S.new_empty(self.S.shape)
+        G = self._grad_buffer()
         if stop > self.g_rows:  # rows no read reached: zero gradient (reads still to come end before `start`)
-            self.G[max(start, self.g_rows):stop].zero_()
+            G[max(start, self.g_rows):stop].zero_()
             if start <= self.g_rows:
                 self.g_rows = stop
         for mask, grad in self.last:  # mask (W, R), grad (R, B, D): each writer's rows take their share once
             if start < mask.shape[0]:
-                rows = self.G[start:stop].view(stop - start, grad.shape[1], -1, grad.shape[2])  # (n, B, T, D)
+                rows = G[start:stop].view(stop - start, grad.shape[1], -1, grad.shape[2])  # (n, B, T, D)
                 rows[:min(stop, mask.shape[0]) - start, :, -1] += torch.tensordot(mask[start:stop], grad, dims=1)
-        return self.G[start:stop]
+        return G[start:stop]
 
 
 class _Write(torch.autograd.Function):

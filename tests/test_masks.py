@@ -15,7 +15,7 @@ NOISY = [name for name, g in GATES.items() if g.noisy]
 def test_gate_keep_probability_and_gradients(gate):
     fn = GATES[gate]
     logits = torch.tensor([-2.0, -0.5, 0.0, 0.7, 2.0]).repeat(20000, 1).requires_grad_(True)  # (n, 5)
-    noise = logistic_noise(logits.shape, generator=torch.Generator().manual_seed(0))
+    noise = logistic_noise(logits.shape, seed=(0,))
     m = fn.sample(logits, noise, 1.0, 1.0)
     kept = (m > 0).float().mean(0)
     p = fn.p_keep(logits[0].detach())
@@ -31,7 +31,7 @@ def test_gate_keep_probability_and_gradients(gate):
 def test_noise_scale_sharpens_the_gate_toward_the_test_time_mask(gate, scale):
     fn = GATES[gate]
     logits = torch.tensor([-2.0, -0.3, 0.2, 0.7, 2.0]).repeat(20000, 1)
-    noise = logistic_noise(logits.shape, generator=torch.Generator().manual_seed(0)) * scale
+    noise = logistic_noise(logits.shape, seed=(0,))
     kept = (fn.sample(logits, noise, 1.0, scale) > 0).float().mean(0)
     p = fn.p_keep(logits[0], scale)
     err = (kept - p).abs().max().item()
@@ -43,9 +43,51 @@ def test_noise_scale_sharpens_the_gate_toward_the_test_time_mask(gate, scale):
 
 def test_concrete_forward_is_hard():
     logits = torch.randn(1000)
-    m = GATES["concrete"].sample(logits, logistic_noise(logits.shape, generator=torch.Generator().manual_seed(1)), 0.01,
+    m = GATES["concrete"].sample(logits, logistic_noise(logits.shape, seed=(1,)), 0.01,
                                  1.0)
     assert set(m.unique().tolist()) <= {0.0, 1.0}
+
+
+def test_concrete_sample_is_its_formula_computed_in_place():
+    """keep = 1[l + s*L > 0] and d/dl sigmoid((l + s*L) / tau), computed in the noise's buffer: checked against
+    the same formula written out with autograd."""
+    logits = torch.randn(5000, requires_grad=True)
+    noise, scale, tau = logistic_noise(logits.shape, seed=(3, 7)), 0.4, 0.3
+    x = logits.detach() + scale * noise
+    ref = x.clone().requires_grad_(True)
+    m = GATES["concrete"].sample(logits, noise, tau, scale)
+    assert torch.equal(m, (x > 0).float())
+    w = torch.randn(5000)
+    (m * w).sum().backward()
+    torch.sigmoid(ref / tau).mul(w).sum().backward()
+    diff = (logits.grad - ref.grad).abs().max().item()
+    print(f"straight-through gradient vs autograd's: max diff {diff:.2e}")
+    assert diff < 1e-5
+
+
+def test_noise_depends_on_its_seed_only():
+    a, b = logistic_noise((300, 7), seed=(5, 1)), logistic_noise((300, 7), seed=(5, 1))
+    assert torch.equal(a, b)
+    assert not torch.equal(a, logistic_noise((300, 7), seed=(5, 2)))
+    assert not torch.equal(a, logistic_noise((300, 7), seed=(6, 1)))
+    u = torch.sigmoid(logistic_noise((200_000,), seed=(0,)))  # Logistic(0, 1): sigmoid of it is uniform
+    assert abs(float(u.mean()) - 0.5) < 0.005 and abs(float((u < 0.1).float().mean()) - 0.1) < 0.005
+
+
+def test_reported_expected_density_of_a_large_mask_is_estimated_closely():
+    """A large tensor's P(keep) sum comes from 4096 fixed entries (a few % off for one tensor); a mask type's
+    expected density, the reported figure, sums many such tensors, whose errors average out."""
+    from sheafprune.discovery.masks import _p_keep_sum
+
+    g = torch.Generator().manual_seed(0)
+    tensors = [torch.randn(576, 1536, generator=g) * 2 - 3 for _ in range(24)]
+    exact = sum(float(torch.sigmoid(t / 0.5).sum()) for t in tensors)
+    est = sum(float(_p_keep_sum(GATES["concrete"], t, 0.5)) for t in tensors)
+    n = sum(t.numel() for t in tensors)
+    print(f"expected density: exact {exact / n:.5f}, from samples {est / n:.5f}")
+    assert abs(est - exact) < 0.02 * exact
+    small = torch.randn(100, 50)
+    assert torch.equal(_p_keep_sum(GATES["concrete"], small, 1.0), torch.sigmoid(small).sum())
 
 
 @pytest.mark.parametrize("scale", [1.0, 0.1])
@@ -153,6 +195,25 @@ def test_exact_projection_raises_a_type_kept_below_its_target_and_sampling_lands
     params.project({"weight": 0.05}, exact=True, sample=5000, seed=3)  # threshold from 5000 of 60777 entries
     d = params.kept(("weight",))["weight"]
     assert abs(d - 0.05) < 0.01, f"sampled projection kept {d:.4f}, target 0.05"
+
+
+@pytest.mark.parametrize("ties", [False, True])
+def test_kth_smallest_without_a_copy_equals_kthvalue(monkeypatch, ties):
+    """Beyond KTH_BY_COPY entries the k-th smallest is bracketed by a sample and found inside the bracket: the same
+    value as kthvalue over all entries, at the ends too, with many ties (rounded logits) or none."""
+    from sheafprune.discovery import masks
+
+    monkeypatch.setattr(masks, "KTH_BY_COPY", 1000)
+    g = torch.Generator().manual_seed(0)
+    flats = [torch.randn(n, generator=g) * 3 - 1 for n in (120_000, 7, 54_321)]
+    if ties:
+        flats = [f.round() for f in flats]
+    everything = torch.cat(flats)
+    n = everything.numel()
+    for k in (1, 2, 17, n // 20, n // 2, n - 5, n):
+        want = float(everything.kthvalue(k).values)
+        got = masks.kth_smallest_of(flats, k)
+        assert got == want, f"k={k}: {got} vs kthvalue's {want}"
 
 
 def test_ramp_shapes():

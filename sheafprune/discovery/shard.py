@@ -16,8 +16,8 @@ so under FSDP the forward would read empty shards. Instead, with N processes:
   mean loss with respect to its own rows, the same gradient data parallelism averages (these logits' gradients are
   therefore not all-reduced again in the training step).
 - the sampled masks equal the one-process run's: each rank draws the full logistic noise of a tensor from the step's
-  generator (the one-process order of draws) and keeps its rows; the initial logits and the attribution init's
-  jitter likewise.
+  seed and the tensor's index, as one process does, and keeps its rows; the initial logits and the attribution
+  init's jitter likewise (drawn in the one-process order).
 - everything that reads all logits works on the shards with all-reduced sums: the kept fraction, the expected
   density in the loss, the exact top-k threshold of the projection (a bisection over float32's order on all-reduced
   counts: the same value kthvalue gives, without gathering the logits), its sampled variant and the attribution
@@ -42,7 +42,6 @@ from torch import Tensor, nn
 
 from ..arch import ArchView
 from ..graph import mask_type, masked_weight_key, weight_key
-from .gates import logistic_noise
 from .masks import MaskLogits
 from .schedule import INIT_MEAN, INIT_STD
 
@@ -237,9 +236,10 @@ class ShardedMaskLogits(MaskLogits):
         return out
 
     # --- MaskLogits' methods, on shards ---------------------------------------------------------------------
-    def _noise(self, key: str, logit: Tensor, g: torch.Generator) -> Tensor:
-        """MaskLogits.forward's noise: the full tensor's, drawn in the one-process order, cut to this rank's rows."""
-        return self._local(key, logistic_noise(self.shapes[key], generator=g)).to(logit.device)
+    def _noise(self, key: str, full: Tensor) -> Tensor:
+        """MaskLogits.forward's noise: drawn for the whole mask as one process draws it, cut to this rank's rows (a
+        copy: the rows alone stay)."""
+        return self._local(key, full).clone() if key in self.sharded else full
 
     def _density(self, kept: Mapping[str, Tensor], count: Mapping[str, int]) -> dict[str, Tensor]:
         """A sharded type's P(keep) summed over the ranks (autograd-aware), over all its entries."""

@@ -121,6 +121,10 @@ class TrainStep:
         return self._frozen_masks
 
     def __call__(self, step: int, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        # The last step's gradients go before the forward: at weight granularity they are model-sized and would sit
+        # beside the forward's activations (all logits': a stage that no longer trains a type drops its gradients).
+        for p in self.params.parameters():
+            p.grad = None
         stage, local = stage_at(self.stages, step)
         frozen = self._frozen(stage)
         scale = noise_scale(self.cfg, stage, local)
@@ -170,7 +174,6 @@ class TrainStep:
         """Backward, the ranks' mean gradient (nsgd: normalized), one optimizer step at `lr`."""
         for group in optimizer.param_groups:
             group["lr"] = lr
-        optimizer.zero_grad(set_to_none=True)
         loss.backward()
         for key, p in self.params.named_logits().items():  # data parallel: mean of the ranks' gradients
             if p.grad is not None and self.acc.num_processes > 1 and key not in self.params.sharded:

@@ -61,7 +61,7 @@ class MaskLogits(nn.Module):
                     if frozen_masks is not None:
                         masks[key] = comp[key] = frozen_masks[key]
                     continue
-                noise = self._noise(key, next(noises)).to(logit.device) if fn.noisy else None
+                noise = self._noise(key, next(noises)).to(logit.device, logit.dtype) if fn.noisy else None
                 m = fn.sample(logit, noise, taus[t], noise_scale)
                 masks[key] = m
                 if complement:

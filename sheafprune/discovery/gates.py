@@ -40,9 +40,8 @@ def logistic_noise(shape: torch.Size, *, seed: Sequence[int], out: Optional[Tens
 
 class _StraightThrough(torch.autograd.Function):
     """Forward 1[x > 0] for x = logits + s * noise; backward d/dlogits sigmoid(x / tau). x is computed in the
-    noise's buffer and is the one tensor saved; backward works in it too. Weight masks have ~10^8 entries, and on a
-    2-core CPU every fresh model-sized buffer costs about three in-place passes (page faults): this is one fresh
-    buffer a way instead of four."""
+    noise's buffer and is the one tensor saved; backward works in it too: for the ~10^8 entries of a model's weight
+    masks, one fresh buffer each way instead of four (a fresh buffer also costs its page faults)."""
 
     @staticmethod
     def forward(ctx, logits: Tensor, noise: Tensor, scale: float, tau: float) -> Tensor:

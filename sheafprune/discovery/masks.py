@@ -241,7 +241,7 @@ def kth_smallest_of(flats: list[Tensor], k: int) -> float:
     """The k-th smallest (1-based) entry of the 1-D tensors `flats` taken together, exactly. Beyond KTH_BY_COPY
     entries: bracketed between two quantiles of a 2^20-entry sample, 8 standard errors of the sampled quantile on
     each side, then found among the entries inside the bracket, after counting those below it: two passes and no
-    copy of all of them (a copy and kthvalue over SmolLM2's 10^8 weight logits took 1.7 s and two 425 MB buffers).
+    copy of all of them (a copy and kthvalue over SmolLM2's 10^8 weight logits: 1.4 s and +1.6 GB peak; this: 0.4 s).
     Should the bracket miss (about once in 10^15), the copy is made after all."""
     n = sum(f.numel() for f in flats)
     if n <= KTH_BY_COPY:

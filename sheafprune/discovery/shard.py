@@ -293,7 +293,7 @@ class ShardedMaskLogits(MaskLogits):
             return super()._kth_smallest(keys, logits, k)
 
         def count_le(x: Tensor) -> int:
-            c = torch.stack([(logits[key] <= x).sum() for key in keys]).sum().reshape(1)
+            c = torch.stack([torch.count_nonzero(logits[key] <= x) for key in keys]).sum().reshape(1)
             return int(self.shards.sum_(c))
 
         return kth_smallest(k, count_le, device=logits[keys[0]].device)

@@ -73,7 +73,11 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 # Options that take one of a few names, with the names they take.
-_CHOICES = {"recipe": tuple(RECIPES)}
+# Arithmetic of the target-mode training passes (discovery/step.py): fp32, or bf16 autocast (about a fifth less time
+# a step on an AMX CPU, but on SmolLM2/IOI with --recipe sigmoid it lost the 5%/5% sheaf that fp32 keeps:
+# docs/step-cost.md). Evaluations, and so every sheaf judged or kept, are always fp32.
+PRECISIONS = ("fp32", "bf16")
+_CHOICES = {"recipe": tuple(RECIPES), "precision": PRECISIONS}
 _FLOATS = ("keep", "lr")
 
 
@@ -95,6 +99,7 @@ class DiscoverConfig:
     # Learning rate of the mask logits. In the joint schedule it decays linearly after the density ramp to a tenth
     # by the last step (schedule.lr_at), so the sheaf stops churning at the target.
     lr: float = 0.1
+    precision: str = "fp32"  # of the training passes in target mode (PRECISIONS above)
     n_items: Optional[int] = None  # task size where the task generates items (ioi)
     eval_every: int = 10
     checkpoint_every: int = 50

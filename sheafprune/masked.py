@@ -82,6 +82,23 @@ def _linear_heads(x: Tensor, w: Tensor, b: Optional[Tensor]) -> Tensor:
     return y.reshape(w.shape[0], bsz, t, w.shape[2])
 
 
+class _RowNorm(torch.autograd.Function):
+    """||x|| over the last dim, (..., D) -> (..., 1), in fp32 whatever x's dtype (a bf16 stack's reads); backward
+    x * (grad / ||x||) in x's dtype, one pass. autograd's vector_norm backward takes five passes over x, and on bf16
+    reads it was 5.8 ms a SmolLM2 reader group against 2.6 ms this way (0.2 s a weight+edge step)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        r = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=torch.float32)
+        ctx.save_for_backward(x, r)
+        return r
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        x, r = ctx.saved_tensors
+        return x * (grad / r.clamp_min(1e-30)).to(x.dtype)
+
+
 def _normed_heads(x: Tensor, norm: torch.nn.Module, w: Tensor, b: Optional[Tensor]) -> Tensor:
     """norm(x) @ w + b for x (R, B, T, D) with R in {1, n}, w (n, D, e), b (n, e) -> (n, B, T, e), as
     (x @ (gamma w) - mean(x) sum_D(gamma w)) / std(x) + beta @ w + b: the norm's weight gamma (and LayerNorm's bias
@@ -90,15 +107,17 @@ def _normed_heads(x: Tensor, norm: torch.nn.Module, w: Tensor, b: Optional[Tenso
     inputs, which with edge masks are one per reader (15 a layer on SmolLM2) and were a tenth of a step."""
     r, bsz, t, d = x.shape
     xf = x.reshape(r, bsz * t, d)
-    wg = norm.weight[:, None] * w  # (n, D, e)
+    wg = norm.weight.to(w.dtype)[:, None] * w  # (n, D, e), in the weights' dtype (bf16 under autocast)
     y = torch.matmul(xf, wg)  # (n, B*T, e)
     if isinstance(norm, torch.nn.LayerNorm):
-        var, mean = torch.var_mean(xf, dim=-1, keepdim=True, correction=0)  # (R, B*T, 1) each
+        # (R, B*T, 1) each, in fp32 (a bf16 stack's reads in bf16 training passes)
+        var, mean = torch.var_mean(xf if xf.dtype in (torch.float32, torch.float64) else xf.float(), dim=-1,
+                                   keepdim=True, correction=0)
         y = (y - mean * wg.sum(1, keepdim=True)) * torch.rsqrt(var + norm_eps(norm))
         if norm.bias is not None:
             y = y + (norm.bias @ w)[:, None, :]
     else:  # RMSNorm
-        y = y * torch.rsqrt(torch.linalg.vector_norm(xf, dim=-1, keepdim=True).square() / d + norm_eps(norm))
+        y = y * torch.rsqrt(_RowNorm.apply(xf).square() / d + norm_eps(norm))
     if b is not None:
         y = y + b[:, None, :]
     return y.reshape(w.shape[0], bsz, t, w.shape[2])
@@ -131,9 +150,7 @@ def _heads(view: ArchView, stream: Stream, masks: Masks, layer: int, w: ParamFn,
     qk, v = y.split([spec.n_heads + spec.n_kv_heads, spec.n_kv_heads])
     q, k = _apply_rope(qk, rope).split([spec.n_heads, spec.n_kv_heads])
     k, v = k.repeat_interleave(group, dim=0), v.repeat_interleave(group, dim=0)  # (H, B, T, hd)
-    z = F.scaled_dot_product_attention(
-        q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=bias, scale=spec.attn_scale
-    ).transpose(0, 1)  # (H, B, T, hd)
+    z = _attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), bias, spec.attn_scale).transpose(0, 1)
     heads, zs, const = _head_outputs(z, a, masks.get(head_key(layer)), masks.get(mean_key(head_key(layer))), taps,
                                      head_key(layer))
     if mlp_early is not None:  # the MLP's edges from these heads: sum_h own[h] heads[h], computed from zs (hd wide)
@@ -144,6 +161,24 @@ def _heads(view: ArchView, stream: Stream, masks: Masks, layer: int, w: ParamFn,
         if const is not None:
             mlp_early = mlp_early + own @ const
     return heads, mlp_early
+
+
+def _attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, scale: float) -> Tensor:
+    """Scaled dot-product attention, (B, H, T, hd) each -> (B, H, T, hd); in fp32 on CPU under autocast: CPU flash
+    attention's bf16 backward took 0.66 s a SmolLM2 step against 0.04 s in fp32."""
+    if q.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+        with torch.autocast("cpu", enabled=False):
+            return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=bias, scale=scale)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
+
+
+def _head(view: ArchView, y: Tensor) -> Tensor:
+    """The LM head in fp32, outside any autocast: the scores and losses need it, and autocast would cast the whole
+    (V, D) unembedding at every pass (40 ms on SmolLM2 on CPU) for a matmul of a few rows."""
+    if not torch.is_autocast_enabled(y.device.type):
+        return view.head(y)
+    with torch.autocast(y.device.type, enabled=False):
+        return view.head(y.float())
 
 
 def _head_outputs(z: Tensor, a: AttnParams, mask: Optional[Tensor], mean: Optional[Tensor],
@@ -224,16 +259,26 @@ def masked_forward(
     if position_ids is None:
         position_ids = default_position_ids(attention_mask)
 
+    device = input_ids.device.type
+    low_weights = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+
     def w(name: str) -> Tensor:
         pre = masks.get(masked_weight_key(name))
         if pre is not None:
-            return pre
+            return pre.to(low_weights) if low_weights is not None else pre
         p = view.model.get_parameter(name)
         m = masks.get(weight_key(name))
-        return p if m is None else p * m
+        if m is None:
+            return p
+        # under autocast, cast once here rather than at every matmul that reads it (q/k/v are concatenated first)
+        return (p * m).to(low_weights) if low_weights is not None else p * m
 
     bsz, t = input_ids.shape
-    stream = Stream(n_writers=view.graph.n_writers(), keep_chunks=any(is_type(k, "edge") for k in masks))
+    # Under autocast (bf16 training passes) the writer stack holds bf16 rows and its reads run in bf16, except for
+    # the secant, whose squared norms cancel (|x_r - o_w|^2 for a writer that dominates its reader's input, SmolLM2's
+    # m11: bf16's 3 digits would lose the remainder).
+    low = low_weights if not secant else None
+    stream = Stream(n_writers=view.graph.n_writers(), keep_chunks=any(is_type(k, "edge") for k in masks), dtype=low)
     x_in = view.embed(input_ids, position_ids)  # (B, T, D)
     stream.add(x_in.unsqueeze(0))
     bias = _attn_bias(attention_mask, x_in.dtype)  # (B, 1, T, T)
@@ -246,11 +291,12 @@ def masked_forward(
 
     out_mask, norm = masks.get(EDGE_OUT), view.norm_module("final", -1)
     if last_only and not secant:  # the head reads the last position only, and so does the final norm
-        return view.head(norm(stream.read(out_mask, last=True)).reshape(bsz, 1, -1))  # (B, 1, V)
+        x = stream.read(out_mask, last=True)
+        return _head(view, norm(x.float() if low is not None else x).reshape(bsz, 1, -1))  # (B, 1, V)
     final = stream.read_normed(out_mask, norm, secant=secant).reshape(bsz, t, -1)  # normed at every position: the
     # secant's tap needs them; contiguous: on a strided (B, 1, D) slice the head's matmul broadcasts its weight, 5x
     # slower on CPU
-    return view.head(final[:, -1:].contiguous() if last_only else final)  # (B, T, V) or (B, 1, V)
+    return _head(view, final[:, -1:].contiguous() if last_only else final)  # (B, T, V) or (B, 1, V)
 
 
 def mask_shapes(view: ArchView, granularity: tuple[str, ...] | list[str]) -> dict[str, tuple[int, ...]]:

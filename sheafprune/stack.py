@@ -1,7 +1,8 @@
 """The writer stack of the edge view: each writer's output (the embedding, every head, every MLP) is kept as a row of
 one buffer, and each reader reads its own masked sum of the rows written before it, one matmul per reader group.
 Memory: n_writers * B * T * D floats (SmolLM2, 301 writers, B=64, T=12: 0.5 GB fp32), kept once. `Stream` is what
-the masked forward sees: the stack where edges are masked, and always the plain residual sum.
+the masked forward sees: the stack where edges are masked, and always the plain residual sum. The stack's rows may be
+held in a lower precision than the writers compute in (bf16 training passes, masked.py).
 
 The edge masks' gradient is autograd's dL/dmask, or (`secant`) flip_effects' loss change of flipping each edge.
 """
@@ -25,8 +26,9 @@ class _Stack:
     writes it instead of adding to it, and rows that no read reached are zeroed when their writer takes them.
     """
 
-    def __init__(self, n_writers: int):
+    def __init__(self, n_writers: int, dtype: Optional[torch.dtype] = None):
         self.n_writers = n_writers
+        self.dtype = dtype  # of S and G; None: the first writer's
         self.S: Optional[Tensor] = None
         self.G: Optional[Tensor] = None
         self.g_rows = 0  # rows of G that reads have written; the rest hold no gradient yet
@@ -76,7 +78,7 @@ class _Write(torch.autograd.Function):
     def forward(ctx, chunk: Tensor, stack: _Stack) -> Tensor:  # chunk (n, B, T, D) -> a token ()
         n = chunk.shape[0]
         if stack.S is None:
-            stack.S = chunk.new_empty(stack.n_writers, chunk[0].numel())
+            stack.S = chunk.new_empty(stack.n_writers, chunk[0].numel(), dtype=stack.dtype or chunk.dtype)
         stack.S[stack.rows:stack.rows + n] = chunk.reshape(n, -1)
         ctx.stack, ctx.rows, ctx.shape = stack, (stack.rows, stack.rows + n), chunk.shape
         stack.rows += n
@@ -93,7 +95,8 @@ class _Read(torch.autograd.Function):
         w = mask.shape[0]
         ctx.stack, ctx.w = stack, w
         ctx.save_for_backward(mask)
-        return mask.t() @ stack.S[:w]
+        with torch.autocast(mask.device.type, enabled=False):  # in S's dtype, which the mask has (Stream.read)
+            return mask.t() @ stack.S[:w]
 
     @staticmethod
     def backward(ctx, grad: Tensor):
@@ -116,7 +119,8 @@ class _ReadLast(torch.autograd.Function):
         last = stack.S[:w].view(w, b, t, d)[:, :, -1].reshape(w, b * d)  # a copy: (W, B*D)
         ctx.stack, ctx.last, ctx.bd = stack, last, (b, d)
         ctx.save_for_backward(mask)
-        return mask.t() @ last
+        with torch.autocast(mask.device.type, enabled=False):
+            return mask.t() @ last
 
     @staticmethod
     def backward(ctx, grad: Tensor):
@@ -190,8 +194,8 @@ class _SecantTap(torch.autograd.Function):
 class Stream:
     """The residual stream: writer outputs in a _Stack when edges are masked, and always their plain sum."""
 
-    def __init__(self, *, n_writers: int, keep_chunks: bool):
-        self.stack = _Stack(n_writers) if keep_chunks else None
+    def __init__(self, *, n_writers: int, keep_chunks: bool, dtype: Optional[torch.dtype] = None):
+        self.stack = _Stack(n_writers, dtype) if keep_chunks else None
         self.tokens: list[Tensor] = []
         self.shape: Optional[torch.Size] = None  # (B, T, D)
         self.total: Optional[Tensor] = None  # (B, T, D)

@@ -108,6 +108,10 @@ class TrainStep:
         self.stages = plan_stages(cfg)
         self.start_density = initial_density(cfg)
         self.taus = straight_through_taus(cfg)
+        # bf16 training passes (--precision bf16): the matmuls run in bf16 and the writer stack holds bf16 rows;
+        # attention, the norms' statistics, the LM head and the losses stay fp32 (masked.py). Evaluations never
+        # autocast: every sheaf judged is fp32's.
+        self.dtype = torch.bfloat16 if cfg.precision == "bf16" else None
         self._frozen_for: Optional[str] = None
 
     def _frozen(self, stage: Stage) -> Optional[dict[str, Tensor]]:
@@ -137,10 +141,9 @@ class TrainStep:
                                         noise_seed=self.cfg.seed * 1_000_003 + step, noise_scale=scale,
                                         frozen_masks=frozen, density_grad=in_loss, complement=step % every == 0)
         batch = self.data.local_batch(step)
-        scores = task_scores(self.view, batch, masks, edge_grad=recipe.edge_grad)
+        scores = self._scores(batch, masks)
         faith = FAITH_LOSSES[recipe.faith_loss](scores, batch.target)
-        complete = (completeness(task_scores(self.view, batch, comp, edge_grad=recipe.edge_grad)) if comp is not None
-                    else None)
+        complete = completeness(self._scores(batch, comp)) if comp is not None else None
         if stage.sparsity == "top-k":
             # Targeted types are projected onto their ramp (masks.project); the others get DiscoGP's
             # plain sparsity pressure.
@@ -169,6 +172,13 @@ class TrainStep:
                 "complete": None if complete is None else float(vals[2]),  # None: not scored this step
                 "expected": expected, "kept": kept, "target": targets,
                 "noise": round(scale, 4), "lr": lr}
+
+    def _scores(self, batch, masks: dict[str, Tensor]) -> Tensor:
+        """The task's candidate scores (fp32) under `masks`, from a training pass in the run's precision."""
+        device = self.acc.device.type
+        with torch.autocast(device, dtype=self.dtype or torch.float32, enabled=self.dtype is not None):
+            scores = task_scores(self.view, batch, masks, edge_grad=self.cfg.recipe_settings.edge_grad)
+        return scores.float()
 
     def _descend(self, loss: Tensor, optimizer: torch.optim.Optimizer, lr: float, nsgd: bool) -> None:
         """Backward, the ranks' mean gradient (nsgd: normalized), one optimizer step at `lr`."""

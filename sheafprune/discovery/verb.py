@@ -134,6 +134,7 @@ def _train(cfg: DiscoverConfig, *, view, tokenizer, task, params, acc, work_dir:
         "training": {"steps": trainer.step, "seconds": round(trainer.elapsed, 1),
                      "step_seconds": median_step_seconds(trainer.step_times, trainer.step_cycle),
                      "wall_seconds": round(time.perf_counter() - started, 1), "processes": acc.num_processes,
+                     "precision": cfg.precision,  # of the training passes; evaluations are fp32
                      "best_step": None if best is None else best["step"],
                      # what the kept sheaf was judged on: dev, or dev + the select items held out of train
                      "best_judged": None if best is None else best.get("judged"),

@@ -72,10 +72,11 @@ def machine_table(files: dict[str, Any]) -> str:
 def step_cost_table(rows: list[dict]) -> str:
     """One training step of each mode on the same batch, and its ratio to a plain forward+backward (the plain steps
     timed just before and after it, where recorded: "plain s / step")."""
-    return _table(["mode", "model", "batch", "seconds / step", "plain s / step", "ratio to plain", "peak RSS (GiB)",
-                   "torch threads"],
-                  [[r["mode"], r["model"], r["batch"], f"{r['seconds']:.4f}", _num(r.get("plain_seconds"), ".4f"),
-                    f"{r['ratio_to_plain']:.2f}x", _gib(r.get("peak_rss_mb")), r.get("threads")] for r in rows])
+    return _table(["mode", "precision", "model", "batch", "seconds / step", "plain s / step", "ratio to plain",
+                   "peak RSS (GiB)", "torch threads"],
+                  [[r["mode"], r.get("precision", "fp32"), r["model"], r["batch"], f"{r['seconds']:.4f}",
+                    _num(r.get("plain_seconds"), ".4f"), f"{r['ratio_to_plain']:.2f}x", _gib(r.get("peak_rss_mb")),
+                    r.get("threads")] for r in rows])
 
 
 def keep_table(rows: list[dict]) -> str:

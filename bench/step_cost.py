@@ -3,7 +3,9 @@
 The reference is a plain training forward+backward of the same batch: the stock HF model with every weight
 requiring grad, the loss at the last position. Against it: one step of the keep search (head and neuron masks,
 mean ablation, KL to cached full-model scores) and one step of target-mode training at weight+edge granularity
-and at neuron+head+edge granularity (the sheaf and its complement, through the writer stack). Each configuration runs in its own process, so its
+and at neuron+head+edge granularity (the sheaf and its complement, through the writer stack), each in fp32 (the
+default) and with `--precision bf16`; and, for reference, the plain step itself under bf16 autocast. Ratios are to
+the fp32 plain step. Each configuration runs in its own process, so its
 peak RSS is its own; every process times `reps` steps after one warm-up and reports the median; target mode scores
 the complement on every other step, so there it is the median of pairs of steps, each pair's mean.
 
@@ -25,7 +27,8 @@ from pathlib import Path
 from bench.machine import machine
 
 RESULTS = Path(__file__).parent / "results"
-MODES = ("plain", "keep", "weight+edge", "neuron+head+edge")
+# "MODE bf16": target mode with --precision bf16; "plain bf16": the plain step under bf16 autocast (not a ratio's base)
+MODES = ("plain", "plain bf16", "keep", "weight+edge", "neuron+head+edge", "weight+edge bf16", "neuron+head+edge bf16")
 TARGETS = {"weight+edge": "weight=0.05,edge=0.05", "neuron+head+edge": "neuron=0.2,head=0.2,edge=0.2"}
 
 
@@ -43,6 +46,8 @@ def _one(model_name: str, mode: str, batch: int, reps: int) -> dict:
     model, tok = load_model(model_name)
     task = hold_out(load_task("ioi", tok, seed=0), 100)
     acc = Accelerator(cpu=True)
+    mode, _, precision = mode.partition(" ")
+    precision = precision or "fp32"
     if mode == "plain":
         for p in model.parameters():
             p.requires_grad_(True)
@@ -50,8 +55,10 @@ def _one(model_name: str, mode: str, batch: int, reps: int) -> dict:
 
         def step() -> None:
             model.zero_grad(set_to_none=True)
-            logits = model(input_ids=b.input_ids, attention_mask=b.attention_mask, position_ids=b.position_ids).logits
-            torch.nn.functional.cross_entropy(logits[:, -1], b.cand_ids[:, 0]).backward()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+                logits = model(input_ids=b.input_ids, attention_mask=b.attention_mask,
+                               position_ids=b.position_ids).logits
+            torch.nn.functional.cross_entropy(logits[:, -1].float(), b.cand_ids[:, 0]).backward()
     elif mode == "keep":
         from sheafprune.discovery.search import KeepSearch
 
@@ -68,7 +75,7 @@ def _one(model_name: str, mode: str, batch: int, reps: int) -> dict:
         from sheafprune.discovery.loop import Trainer
 
         cfg = resolve_config(overrides={"model": model_name, "batch_size": batch, "steps": 100,
-                                        "target_density": TARGETS[mode]})
+                                        "target_density": TARGETS[mode], "precision": precision})
         view = view_of(model)
         params = mask_logits_for(cfg, view, mask_shapes(view, cfg.granularity), acc)
         trainer = Trainer(cfg=cfg, view=view, tokenizer=tok, task=task, params=params, accelerator=acc,
@@ -84,7 +91,8 @@ def _one(model_name: str, mode: str, batch: int, reps: int) -> dict:
         t = time.perf_counter()
         step()
         times.append(time.perf_counter() - t)
-    return {"mode": mode, "model": model_name, "batch": batch, "seconds": median_step_seconds(times, cycle),
+    return {"mode": mode, "precision": precision, "model": model_name,
+            "batch": batch, "seconds": median_step_seconds(times, cycle),
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
             "threads": torch.get_num_threads()}
 
@@ -108,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     # A plain step before and after each mode: the machine's speed drifts by 10-20% over minutes, so each ratio is
     # taken against the plain steps timed next to it.
     plains, rows = [child("plain")], []
-    for mode in MODES[1:]:
+    for mode in MODES[1:]:  # each mode's row keeps its own mode name; "precision" tells the two apart
         rows.append(child(mode))
         plains.append(child("plain"))
         rows[-1]["plain_seconds"] = round((plains[-2]["seconds"] + plains[-1]["seconds"]) / 2, 4)
@@ -119,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         r["ratio_to_plain"] = round(r["seconds"] / (r["plain_seconds"] or r["seconds"]), 2)
         r["machine"] = host
-    print("\n".join(f"{r['mode']:12s} {r['seconds']:.3f} s/step  {r['ratio_to_plain']:.2f}x plain  "
+    print("\n".join(f"{r['mode']:16s} {r['precision']:5s} {r['seconds']:.3f} s/step  {r['ratio_to_plain']:.2f}x plain  "
                     f"peak {r['peak_rss_mb'] / 1024:.2f} GiB" for r in rows))
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"step_cost{'_quick' if args.quick else ''}.json").write_text(json.dumps(rows, indent=1))

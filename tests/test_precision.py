@@ -74,3 +74,20 @@ def test_bf16_discovery_runs_and_says_so(recipe):
     assert sheaf.meta["training"]["precision"] == "bf16" and sheaf.meta["config"]["precision"] == "bf16"
     assert all(torch.isfinite(v).all() for v in sheaf.logits.values())
     assert 0.0 <= sheaf.meta["metrics"]["sheaf_accuracy"] <= 1.0
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_fp64_forward_is_fp64(name):
+    """The masked forward of an fp64 model (the export's exactness check falls back to it) stays fp64 throughout and
+    equals the fp32 forward to fp32 rounding."""
+    model = MODELS[name]()
+    view = view_of(model)
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, model.config.vocab_size, (2, 7), generator=g)
+    base = {k: (torch.rand(s, generator=g) < 0.7).float() for k, s in mask_shapes(view, ("head", "edge")).items()}
+    ref = masked_forward(view, ids, masks=base)
+    view64 = view_of(model.double())
+    out = masked_forward(view64, ids, masks={k: v.double() for k, v in base.items()})
+    d = (out - ref.double()).abs().max().item()
+    print(f"{name}: fp64 vs fp32 masked forward, max diff {d:.3g}")
+    assert out.dtype == torch.float64 and d <= 1e-4 * ref.abs().max().item()

@@ -231,6 +231,9 @@ def resolve_config(*, yaml_path: Optional[Path] = None, overrides: Optional[Mapp
         cfg = DiscoverConfig(**values)
     except TypeError as e:
         raise UserError(f"bad config value: {e}") from None
+    if cfg.precision != "fp32" and cfg.searches:
+        raise UserError(f"--precision {cfg.precision} applies to training toward --target-density; the keep search "
+                        "runs in fp32")
     if "recipe" in values and cfg.searches:
         raise UserError(f"--recipe {cfg.recipe} trains toward --target-density (e.g. weight=0.05,edge=0.05); without "
                         "targets the keep search runs, which has one way to train")

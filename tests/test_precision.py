@@ -23,7 +23,9 @@ def test_precision_option():
     assert resolve_config(overrides={"target_density": "weight=0.1"}).precision == "fp32"
     assert resolve_config(overrides={"precision": "bf16", "target_density": "weight=0.1"}).precision == "bf16"
     with pytest.raises(UserError, match="unknown precision 'fp16'"):
-        resolve_config(overrides={"precision": "fp16"})
+        resolve_config(overrides={"precision": "fp16", "target_density": "weight=0.1"})
+    with pytest.raises(UserError, match="the keep search runs in fp32"):
+        resolve_config(overrides={"precision": "bf16"})
 
 
 def _pass(view, ids, base: dict, c: torch.Tensor, *, edge_grad: str, bf16: bool):
@@ -63,17 +65,19 @@ def test_bf16_pass_follows_fp32(name, edge_grad):
 
 
 @pytest.mark.parametrize("recipe", ["concrete", "sigmoid"])
-def test_bf16_discovery_runs_and_says_so(recipe):
+def test_bf16_discovery_runs_and_says_so(recipe, monkeypatch, capsys):
     """A whole target-mode run with --precision bf16 (both stack paths: the secant keeps its stack fp32) trains,
     evaluates in fp32 and records the precision it trained in."""
-    from sheafprune.discovery import discover
+    from sheafprune.discovery import discover, verb
 
+    monkeypatch.setattr(verb, "_native_bf16", lambda: False)  # the warning a CPU without bf16 instructions gets
     cfg = resolve_config(overrides=dict(model="tiny-llama", task="ioi", n_items=80, steps=6, batch_size=8,
                                         target_density="weight=0.3,edge=0.3", recipe=recipe, precision="bf16"))
     sheaf = discover(cfg, progress=False)
     assert sheaf.meta["training"]["precision"] == "bf16" and sheaf.meta["config"]["precision"] == "bf16"
     assert all(torch.isfinite(v).all() for v in sheaf.logits.values())
     assert 0.0 <= sheaf.meta["metrics"]["sheaf_accuracy"] <= 1.0
+    assert capsys.readouterr().err.count("warning: --precision bf16 on a CPU without bf16 instructions") == 1
 
 
 @pytest.mark.parametrize("name", list(MODELS))

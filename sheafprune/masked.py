@@ -26,7 +26,7 @@ from torch import Tensor
 from .arch import ArchView, rotate_half
 from .arch.base import AttnParams, ParamFn
 from .graph import EDGE_OUT, edge_key, head_key, is_type, masked_weight_key, mean_key, neuron_key, weight_key
-from .stack import Stream, norm_eps
+from .stack import Stream, apply_norm, norm_eps
 
 Masks = Mapping[str, Tensor]
 
@@ -219,7 +219,7 @@ def _mlp(view: ArchView, stream: Stream, masks: Masks, layer: int, w: ParamFn, *
     (B, T, D) before the norm where `_heads` made it, else None (it is read from the stream here)."""
     m = view.mlp(layer, w)
     norm, mask = view.norm_module("mlp", layer), masks.get(edge_key(layer, "mlp"))
-    xm = stream.read_normed(mask, norm, secant=secant) if x_in is None else norm(x_in)  # ([1,] B, T, D)
+    xm = stream.read_normed(mask, norm, secant=secant) if x_in is None else apply_norm(norm, x_in)  # ([1,] B, T, D)
     bsz, t = xm.shape[-3], xm.shape[-2]
     hidden = xm @ m.w_in + (m.b_in if m.b_in is not None else 0)  # (..., B, T, I)
     if m.w_gate is not None:
@@ -296,7 +296,7 @@ def masked_forward(
     out_mask, norm = masks.get(EDGE_OUT), view.norm_module("final", -1)
     if last_only and not secant:  # the head reads the last position only, and so does the final norm
         x = stream.read(out_mask, last=True)
-        return _head(view, norm(_wide(x)).reshape(bsz, 1, -1))  # (B, 1, V)
+        return _head(view, apply_norm(norm, _wide(x)).reshape(bsz, 1, -1))  # (B, 1, V)
     final = stream.read_normed(out_mask, norm, secant=secant).reshape(bsz, t, -1)  # normed at every position: the
     # secant's tap needs them; contiguous: on a strided (B, 1, D) slice the head's matmul broadcasts its weight, 5x
     # slower on CPU

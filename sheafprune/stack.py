@@ -225,12 +225,12 @@ class Stream:
     def read_normed(self, mask: Optional[Tensor], norm: torch.nn.Module, *, secant: bool) -> Tensor:
         """norm(read(mask)); with `secant`, the mask's gradient is flip_effects' secant instead of dL/dmask."""
         if mask is None or not secant or not mask.requires_grad:
-            return norm(self.read(mask))
+            return apply_norm(norm, self.read(mask))
         x = self.read(mask.detach())
         single = mask.dim() == 1
         m = (mask.unsqueeze(1) if single else mask).to(self.stack.S.dtype)
         xs = x.unsqueeze(0) if single else x
-        y = _SecantTap.apply(norm(xs), m, xs.detach(), self.stack, norm.weight.detach(), norm_eps(norm),
+        y = _SecantTap.apply(apply_norm(norm, xs), m, xs.detach(), self.stack, norm.weight.detach(), norm_eps(norm),
                              isinstance(norm, torch.nn.LayerNorm))
         return y[0] if single else y
 
@@ -238,3 +238,15 @@ class Stream:
 def norm_eps(norm: torch.nn.Module) -> float:
     eps = getattr(norm, "eps", None)
     return float(eps if eps is not None else norm.variance_epsilon)  # LayerNorm: eps; HF RMSNorms: variance_epsilon
+
+
+def apply_norm(norm: torch.nn.Module, x: Tensor) -> Tensor:
+    """norm(x) in fp32 or wider: HF's RMSNorms compute in fp32 whatever the input, which in an fp64 forward (the
+    export's exactness check) put fp32 rounding into the reference; here fp64 stays fp64. Otherwise the same ops
+    as HF's (fp32: bitwise HF's result). LayerNorm computes in its input's dtype already."""
+    if isinstance(norm, torch.nn.LayerNorm):
+        return norm(x)
+    dtype = x.dtype
+    h = x.to(torch.promote_types(dtype, torch.float32))
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + norm_eps(norm))
+    return norm.weight * h.to(dtype)

@@ -95,3 +95,26 @@ def test_fp64_forward_is_fp64(name):
     d = (out - ref.double()).abs().max().item()
     print(f"{name}: fp64 vs fp32 masked forward, max diff {d:.3g}")
     assert out.dtype == torch.float64 and d <= 1e-4 * ref.abs().max().item()
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_fp64_compaction_is_exact(name):
+    """In fp64 the compacted model equals the masked sheaf to fp64 rounding (the export's exactness check falls back
+    to this comparison): nothing on either side may compute in fp32, as HF's RMSNorm does whatever its input. A
+    sheaf of heads, neurons and edges under mean ablation, whose constants fold into biases."""
+    from sheafprune.compact import compact
+    from sheafprune.masked import mean_shapes
+
+    view64 = view_of(MODELS[name]().double())
+    g = torch.Generator().manual_seed(5)
+    masks = {k: (torch.rand(s, generator=g) < 0.6).double()
+             for k, s in mask_shapes(view64, ("neuron", "head", "edge")).items()}
+    masks.update({k: torch.randn(s, generator=g, dtype=torch.float64) for k, s in mean_shapes(view64).items()})
+    slim = compact(view64, masks, dtype=torch.float64).to_model()
+    ids = torch.randint(0, view64.model.config.vocab_size, (3, 9), generator=g)
+    with torch.no_grad():
+        ref = masked_forward(view64, ids, masks=masks)
+        got = slim(input_ids=ids).logits
+    d = (got - ref).abs().max().item()
+    print(f"{name}: fp64 compacted vs masked, max diff {d:.3g}")
+    assert got.dtype == torch.float64 and d <= 1e-10 * max(ref.abs().max().item(), 1.0), d

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from ..graph import Graph
+from ..stack import apply_norm
 
 ParamFn = Callable[[str], Tensor]
 
@@ -116,7 +117,7 @@ class ArchView:
 
     def norm(self, site: str, layer: int, x: Tensor) -> Tensor:
         """The pre-`site` ("attn" | "mlp" | "final") norm of `layer`, over the last dim of x (..., D)."""
-        return self.norm_module(site, layer)(x)
+        return apply_norm(self.norm_module(site, layer), x)
 
     def head(self, y: Tensor) -> Tensor:
         """(B, T, D) normed -> (B, T, V): the LM head."""

@@ -84,7 +84,7 @@ class Norm(nn.Module):
         if self.kind == "layernorm":
             return F.layer_norm(x, (self.dim,), self.weight, self.bias, self.eps)
         dtype = x.dtype
-        x = x.float()
+        x = x.to(torch.promote_types(dtype, torch.float32))  # HF's fp32, and fp64 stays fp64 (the exactness check)
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x.to(dtype)
 

@@ -56,8 +56,8 @@ def model_card(meta: dict[str, Any], info: dict[str, Any], formats: list[str]) -
                   "output `logits`; checked against torch with onnxruntime "
                   f"(max difference {_num(info.get('max_abs_diff_onnx'), '.2g')})."]
     if "bytes_int8" in info:
-        lines += ["", f"`{INT8_FILE}`: the same graph with its weights dynamically quantized to int8 (onnxruntime "
-                  "`quantize_dynamic`, QInt8); same inputs and output; max |logit difference| to `model.onnx` "
+        lines += ["", f"`{INT8_FILE}`: the same graph with its weights dynamically quantized to 8 bits (onnxruntime "
+                  "`quantize_dynamic`, QUInt8); same inputs and output; max |logit difference| to `model.onnx` "
                   f"{_num(info.get('max_abs_diff_int8'), '.2g')} on the held-out prompts."]
     lines += ["", "The source sheaf (mask logits, training curve) is in `sheaf/`; its metadata and these export "
               "figures are in `sheaf.json`.", ""]

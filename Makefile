@@ -22,10 +22,12 @@ $(VENV)/.installed: pyproject.toml
 # The default command (the smallest model of heads and neurons that keeps IOI), shipped as fp32 safetensors, ONNX
 # and int8 ONNX with the task's vocabulary only (measured: 51 MB, 52 MB and 14 MB, all 1.000 on IOI's test split),
 # then the verdict: accuracy, size, speed-up and wall time. Exit 3 from export (the floor was missed) is reported by the verdict and passed on.
+# The search's budget is 13 minutes, so that install, search and export fit in 20 on a slow 2-core machine (an AVX2
+# EPYC, 3x slower a step than an AVX-512 Xeon, was still searching after 20); where steps are fast it ends sooner.
 demo: install
 	@start=$$(date +%s); rc=0; \
 	$(BIN)/sheafprune export --model smollm2-135m --task ioi --format all --quantize int8 --vocab task \
-		--out exports/smollm2-ioi --overwrite \
+		--max-minutes 13 --out exports/smollm2-ioi --overwrite \
 		|| rc=$$?; \
 	if [ $$rc -ne 0 ] && [ $$rc -ne 3 ]; then exit $$rc; fi; \
 	$(PY) -m bench.verdict exports/smollm2-ioi --since $$start && exit $$rc

@@ -28,15 +28,12 @@ from ..sheaf import Sheaf, check_sheaf_matches, save_sheaf
 from ..tasks import Task, encode, load_task
 from . import modeling_sheaf
 from .card import model_card
-from .measure import LogitsFn, max_logit_diff, measure_files, split_accuracy, torch_logits_fn
+from .measure import FP32_RTOL, LogitsFn, max_logit_diff, measure_files, split_accuracy, torch_logits_fn
 from .modeling_sheaf import SheafConfig, SheafForCausalLM
 from .quantize import INT8_FILE, QUANTIZATIONS, quantize_int8
 from .vocab import VOCABS, reduce_vocab, task_token_ids, vocab_info
 
 TOLERANCE = 1e-5  # compacted vs masked, fp32 max abs logit difference
-# fp32 rounding of a deep model relative to its largest logit that the gate accepts once fp64 shows the compaction
-# exact: fp32 keeps ~7 digits, and SmolLM2's residual stream carries activations of ~2e4 through 30 layers.
-FP32_RTOL = 1e-4
 FORMATS = ("safetensors", "onnx", "all")
 GATE_ITEMS = 64  # held-out prompts the gate compares on
 AUTO_MAP = {"AutoConfig": "modeling_sheaf.SheafConfig", "AutoModelForCausalLM": "modeling_sheaf.SheafForCausalLM"}

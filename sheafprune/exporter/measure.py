@@ -46,6 +46,15 @@ def split_accuracy(logits_of: LogitsFn, task: Task, tokenizer: Any, split: str) 
     return accuracy(scores, target)
 
 
+# How far two fp32 computations of the same deep model may drift apart, relative to the largest logit: fp32 keeps ~7
+# digits and SmolLM2's residual stream carries activations of ~2e4 through 30 layers, and onnxruntime's kernels
+# (their own exp and logistic approximations among them) round differently from torch's. Measured on the make-demo
+# SmolLM2 sheaves: a compaction exact in fp64 was 1.3e-3 from its masked model on logits of ~30; onnxruntime was
+# 1.7e-4 from torch on an AVX-512 Xeon and 6.7e-4 (logits ~18) on an AVX2 EPYC. Storage below fp32 (fp16: 5e-4
+# relative per weight, bf16: 4e-3) and wrong arithmetic stay far above it.
+FP32_RTOL = 1e-4
+
+
 def max_logit_diff(ref: Tensor, got: Tensor, attention_mask: Tensor) -> float:
     """max |got - ref| over real tokens and real logits (not the lowest-float logits of ids a task vocabulary drops)."""
     ref, got = ref.float(), got.float()

@@ -26,7 +26,7 @@ from torch import Tensor
 from .arch import ArchView, rotate_half
 from .arch.base import AttnParams, ParamFn
 from .graph import EDGE_OUT, edge_key, head_key, is_type, masked_weight_key, mean_key, neuron_key, weight_key
-from .stack import Stream, apply_norm, norm_eps
+from .stack import Stream, apply_norm, norm_eps, wide
 
 Masks = Mapping[str, Tensor]
 
@@ -82,11 +82,6 @@ def _linear_heads(x: Tensor, w: Tensor, b: Optional[Tensor]) -> Tensor:
     return y.reshape(w.shape[0], bsz, t, w.shape[2])
 
 
-def _wide(x: Tensor) -> Tensor:
-    """x in fp32 if it is in a narrower float (bf16 under autocast); fp32 and fp64 stay as they are."""
-    return x.to(torch.promote_types(x.dtype, torch.float32))
-
-
 class _RowNorm(torch.autograd.Function):
     """||x|| over the last dim, (..., D) -> (..., 1), in fp32 at least (a bf16 stack's reads; fp64 stays fp64); backward
     x * (grad / ||x||) in x's dtype, one pass. autograd's vector_norm backward takes five passes over x, and on bf16
@@ -116,7 +111,7 @@ def _normed_heads(x: Tensor, norm: torch.nn.Module, w: Tensor, b: Optional[Tenso
     y = torch.matmul(xf, wg)  # (n, B*T, e)
     if isinstance(norm, torch.nn.LayerNorm):
         # (R, B*T, 1) each, in fp32 (a bf16 stack's reads in bf16 training passes)
-        var, mean = torch.var_mean(_wide(xf), dim=-1, keepdim=True, correction=0)
+        var, mean = torch.var_mean(wide(xf), dim=-1, keepdim=True, correction=0)
         y = (y - mean * wg.sum(1, keepdim=True)) * torch.rsqrt(var + norm_eps(norm))
         if norm.bias is not None:
             y = y + (norm.bias @ w)[:, None, :]
@@ -296,7 +291,7 @@ def masked_forward(
     out_mask, norm = masks.get(EDGE_OUT), view.norm_module("final", -1)
     if last_only and not secant:  # the head reads the last position only, and so does the final norm
         x = stream.read(out_mask, last=True)
-        return _head(view, apply_norm(norm, _wide(x)).reshape(bsz, 1, -1))  # (B, 1, V)
+        return _head(view, apply_norm(norm, wide(x)).reshape(bsz, 1, -1))  # (B, 1, V)
     final = stream.read_normed(out_mask, norm, secant=secant).reshape(bsz, t, -1)  # normed at every position: the
     # secant's tap needs them; contiguous: on a strided (B, 1, D) slice the head's matmul broadcasts its weight, 5x
     # slower on CPU

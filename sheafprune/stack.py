@@ -246,7 +246,11 @@ def apply_norm(norm: torch.nn.Module, x: Tensor) -> Tensor:
     as HF's (fp32: bitwise HF's result). LayerNorm computes in its input's dtype already."""
     if isinstance(norm, torch.nn.LayerNorm):
         return norm(x)
-    dtype = x.dtype
-    h = x.to(torch.promote_types(dtype, torch.float32))
+    h = wide(x)
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + norm_eps(norm))
-    return norm.weight * h.to(dtype)
+    return norm.weight * h.to(x.dtype)
+
+
+def wide(x: Tensor) -> Tensor:
+    """x in fp32 if it is in a narrower float (bf16 under autocast); fp32 and fp64 stay as they are."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))

@@ -14,6 +14,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .blas import add_outer, small_by_wide
+
 class _Stack:
     """Writer outputs as rows of one buffer S (n_writers, B*T*D), and their gradient as rows of G.
 
@@ -49,9 +51,9 @@ class _Stack:
         G = self._grad_buffer()
         w, done = mask.shape[0], min(self.g_rows, mask.shape[0])
         if done:
-            G[:done].addmm_(mask[:done], grad)
+            add_outer(G[:done], mask[:done], grad, accumulate=True)
         if w > done:
-            torch.mm(mask[done:], grad, out=G[done:w])
+            add_outer(G[done:w], mask[done:], grad, accumulate=False)
             self.g_rows = w
 
     def _grad_buffer(self) -> Tensor:
@@ -96,7 +98,7 @@ class _Read(torch.autograd.Function):
         ctx.stack, ctx.w = stack, w
         ctx.save_for_backward(mask)
         with torch.autocast(mask.device.type, enabled=False):  # in S's dtype, which the mask has (Stream.read)
-            return mask.t() @ stack.S[:w]
+            return small_by_wide(mask.t(), stack.S[:w])
 
     @staticmethod
     def backward(ctx, grad: Tensor):

@@ -4,10 +4,11 @@ The reference is a plain training forward+backward of the same batch: the stock 
 requiring grad, the loss at the last position. Against it: one step of the keep search (head and neuron masks,
 mean ablation, KL to cached full-model scores) and one step of target-mode training at weight+edge granularity
 and at neuron+head+edge granularity (the sheaf and its complement, through the writer stack), each in fp32 (the
-default) and with `--precision bf16`; and, for reference, the plain step itself under bf16 autocast. Ratios are to
-the fp32 plain step. Each configuration runs in its own process, so its
-peak RSS is its own; every process times `reps` steps after one warm-up and reports the median; target mode scores
-the complement on every other step, so there it is the median of pairs of steps, each pair's mean.
+default) and with `--precision bf16`; and, for reference, the plain step itself under bf16 autocast. The bf16 modes
+run only where the CPU has bf16 instructions (AMX or AVX512-BF16): emulated, a plain bf16 step is ~20x an fp32 one.
+Ratios are to the fp32 plain step. Each configuration runs in its own process, so its peak RSS is its own; every
+process times `reps` steps after one warm-up and reports the median; target mode scores the complement on every
+other step, so there it is the median of pairs of steps, each pair's mean.
 
     python -m bench.step_cost --quick     # tiny-llama, seconds
     python -m bench.step_cost             # smollm2-135m, IOI, batch 16
@@ -113,10 +114,15 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(row), flush=True)
         return row
 
+    from sheafprune.discovery.verb import native_bf16
+    modes = MODES[1:]
+    if not native_bf16():  # emulated bf16: a plain bf16 step took 67 s against 3 s in fp32 on an AVX2 EPYC
+        modes = tuple(m for m in modes if not m.endswith("bf16"))
+        print("skipped the bf16 modes: this CPU has no bf16 instructions (AMX or AVX512-BF16)", flush=True)
     # A plain step before and after each mode: the machine's speed drifts by 10-20% over minutes, so each ratio is
     # taken against the plain steps timed next to it.
     plains, rows = [child("plain")], []
-    for mode in MODES[1:]:  # each mode's row keeps its own mode name; "precision" tells the two apart
+    for mode in modes:  # each mode's row keeps its own mode name; "precision" tells the two apart
         rows.append(child(mode))
         plains.append(child("plain"))
         rows[-1]["plain_seconds"] = round((plains[-2]["seconds"] + plains[-1]["seconds"]) / 2, 4)

@@ -70,7 +70,7 @@ def test_bf16_discovery_runs_and_says_so(recipe, monkeypatch, capsys):
     evaluates in fp32 and records the precision it trained in."""
     from sheafprune.discovery import discover, verb
 
-    monkeypatch.setattr(verb, "_native_bf16", lambda: False)  # the warning a CPU without bf16 instructions gets
+    monkeypatch.setattr(verb, "native_bf16", lambda: False)  # the warning a CPU without bf16 instructions gets
     cfg = resolve_config(overrides=dict(model="tiny-llama", task="ioi", n_items=80, steps=6, batch_size=8,
                                         target_density="weight=0.3,edge=0.3", recipe=recipe, precision="bf16"))
     sheaf = discover(cfg, progress=False)

@@ -95,7 +95,7 @@ def _train(cfg: DiscoverConfig, *, view, tokenizer, task, params, acc, work_dir:
     """Training to the density targets (loop.py) and its test metrics, as a Sheaf."""
     from accelerate.utils import gather_object
 
-    if cfg.precision == "bf16" and acc.device.type == "cpu" and not _native_bf16() and acc.is_main_process:
+    if cfg.precision == "bf16" and acc.device.type == "cpu" and not native_bf16() and acc.is_main_process:
         print("warning: --precision bf16 on a CPU without bf16 instructions (AMX or AVX512-BF16) is emulated and "
               "likely slower than fp32", file=sys.stderr)
     trainer = Trainer(cfg=cfg, view=view, tokenizer=tokenizer, task=task, params=params, accelerator=acc,
@@ -200,6 +200,6 @@ def write_jsonl(path: Path) -> Callable[[dict], None]:
     return log
 
 
-def _native_bf16() -> bool:
+def native_bf16() -> bool:
     """Whether this CPU's oneDNN has bf16 kernels (AMX or AVX512-BF16)."""
     return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-_POOL: Optional[ThreadPoolExecutor] = None
+_POOL: Optional[tuple[int, ThreadPoolExecutor]] = None  # (workers, pool)
 _OPENBLAS: Optional[bool] = None  # whether numpy's and scipy's BLAS is OpenBLAS, now limited to one thread
 _BLOCK = 8192  # columns a read's job; fixed, so that every column is summed the same way whatever the thread count
 
@@ -48,9 +48,11 @@ def _workers() -> int:
 
 def _pool() -> ThreadPoolExecutor:
     global _POOL
-    if _POOL is None or _POOL._max_workers != _workers():
-        _POOL = ThreadPoolExecutor(max_workers=_workers(), thread_name_prefix="sheafprune-blas")
-    return _POOL
+    if _POOL is None or _POOL[0] != _workers():
+        if _POOL is not None:
+            _POOL[1].shutdown(wait=False)
+        _POOL = (_workers(), ThreadPoolExecutor(max_workers=_workers(), thread_name_prefix="sheafprune-blas"))
+    return _POOL[1]
 
 
 def small_by_wide(a: Tensor, b: Tensor) -> Tensor:

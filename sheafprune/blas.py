@@ -2,8 +2,8 @@
 
 Both have a 16-wide side (the readers of one layer) and a side of B*T*D: out (R, N) = mask^T (R, W) @ S (W, N)
 for a read, and G (W, N) += mask (W, R) @ grad (R, N) for its writers' gradient. On a 2-core AVX2 EPYC, torch's MKL
-took 76-108 ms and 42-77 ms for them at SmolLM2's largest read (W = 291, N = 156,672); single-threaded OpenBLAS 44-52
-ms and 30-39 ms, and the read split over two workers 29-35 ms (`docs/step-cost.md`). OpenBLAS's own threads
+took 76-108 ms and 42-90 ms for them at SmolLM2's largest read (W = 291, N = 156,672); single-threaded OpenBLAS 44-52
+ms and 30-39 ms, and the read split over two workers 29-41 ms (`docs/step-cost.md`). OpenBLAS's own threads
 busy-wait after every call and took a core from torch's, so its libraries run one thread each (set once, at the
 first such call, for the rest of the process), and a read is split into fixed blocks of columns shared by as many
 workers as torch has threads: the blocks do not depend on the thread count, and neither does the result. Measured on

@@ -16,6 +16,7 @@ from torch import Tensor
 
 from .blas import add_outer, small_by_wide
 
+
 class _Stack:
     """Writer outputs as rows of one buffer S (n_writers, B*T*D), and their gradient as rows of G.
 

@@ -6,14 +6,19 @@ took 76-108 ms and 42-90 ms for them at SmolLM2's largest read (W = 291, N = 156
 ms and 30-39 ms, and the read split over two workers 29-41 ms (`docs/step-cost.md`). OpenBLAS's own threads
 busy-wait after every call and took a core from torch's, so its libraries run one thread each (set once, at the
 first such call, for the rest of the process), and a read is split into fixed blocks of columns shared by as many
-workers as torch has threads: the blocks do not depend on the thread count, and neither does the result. Measured on
-that machine only; elsewhere (another device or dtype, or a BLAS other than OpenBLAS behind numpy) these are plain
-torch matmuls.
+workers as torch has threads: the blocks do not depend on the thread count, and neither does the result.
+
+On an AVX-512 Intel Xeon, MKL is the faster one (read 28-33 ms against OpenBLAS's 43-45, writers' gradient 14 against
+23): MKL picks its kernels by CPU vendor and gives other vendors' CPUs generic ones. So these products go to OpenBLAS
+only where torch's BLAS is MKL and the CPU is not Intel's (the vendor is read once, from /proc/cpuinfo); elsewhere
+(an Intel CPU, another device or dtype, a torch built on another BLAS, or a BLAS other than OpenBLAS behind numpy)
+they are plain torch matmuls.
 """
 
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Optional
 
 import numpy as np
@@ -25,14 +30,37 @@ _OPENBLAS: Optional[bool] = None  # whether numpy's and scipy's BLAS is OpenBLAS
 _BLOCK = 8192  # columns a read's job; fixed, so that every column is summed the same way whatever the thread count
 
 
+def cpu_vendor(cpuinfo: Optional[str] = None) -> str:
+    """The CPU's vendor id (e.g. GenuineIntel, AuthenticAMD) from /proc/cpuinfo's text; "" where it is unknown."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return ""
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "vendor_id":
+            return value.strip()
+    return ""
+
+
+def mkl_off_intel() -> bool:
+    """Whether torch's matmuls run on MKL on a CPU that is known not to be Intel's (MKL's generic kernels)."""
+    return torch.backends.mkl.is_available() and cpu_vendor() not in ("", "GenuineIntel")
+
+
 def _use_openblas(*ts: Tensor) -> bool:
-    """CPU tensors of one float dtype, and OpenBLAS behind numpy and scipy (limited to one thread at the first call;
-    other BLAS libraries, e.g. an MKL that torch itself may use, are left alone)."""
+    """CPU tensors of one float dtype, MKL behind torch on a CPU not Intel's, and OpenBLAS behind numpy and scipy
+    (limited to one thread at the first call; other BLAS libraries, e.g. an MKL that torch itself may use, are left
+    alone)."""
     global _OPENBLAS
     if not all(t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64) for t in ts) or \
             len({t.dtype for t in ts}) != 1:
         return False
     if _OPENBLAS is None:
+        if not mkl_off_intel():
+            _OPENBLAS = False
+            return False
         import scipy.linalg  # noqa: F401  (loads scipy's BLAS, so that the controller sees it)
         from threadpoolctl import ThreadpoolController
         libs = ThreadpoolController().select(user_api="blas")

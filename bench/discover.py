@@ -78,7 +78,7 @@ def run_one(name: str, args: list[str], workdir: Path, threads: int | None = Non
         return {"run": name, "command": " ".join(cmd), "failed": status}
     meta = json.loads((out / "sheaf.json").read_text())
     return {"run": name, "command": "sheafprune discover " + " ".join(args), "threads": threads or os.cpu_count(),
-            "wall_seconds": round(wall, 1),
+            "recipe": meta["config"]["recipe"], "wall_seconds": round(wall, 1),
             "peak_rss_mb": round(usage.ru_maxrss / 1024), "density": meta["density"], "metrics": meta["metrics"],
             "training": meta["training"], "stdout": stdout.strip().splitlines()[-1:], "machine": machine()}
 

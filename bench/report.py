@@ -136,19 +136,23 @@ def discover_table(d: dict) -> str:
     out = []
     for r in d["rows"]:
         cmd = r.get("command", "")
-        # the recipe a flag or DiscoGP's preset names (the default otherwise), or the YAML file a run read its
-        # options from; results recorded before the recipes name a --schedule
+        # the recipe the run recorded from its sheaf.json; else the one a flag or DiscoGP's preset names (the default
+        # otherwise), or the YAML file a run read its options from; results recorded before the recipes name a
+        # --schedule
         config = _flag(cmd, "--config")
-        recipe = (_flag(cmd, "--recipe") or {"discogp": "discogp"}.get(_flag(cmd, "--preset") or "")
-                  or (Path(config).stem if config else None) or "concrete")
+        recipe = (r.get("recipe") or _flag(cmd, "--recipe") or {"discogp": "discogp"}.get(_flag(cmd, "--preset") or "")
+                  or (Path(config).stem if config else None) or "joint")
         schedule = "staged" if recipe == "discogp" or _flag(cmd, "--schedule") == "staged" else "joint"
         head = [r["run"], _flag(cmd, "--model"), _flag(cmd, "--task"), schedule, recipe]
         if "failed" in r:
             out.append(head + [f"failed (status {r['failed']})"] + [None] * 6)
             continue
         m, t = r["metrics"], r.get("training", {})
-        out.append(head + [_density(r["density"]),
-                           f"{m['full_accuracy']:.3f} / {m['sheaf_accuracy']:.3f} / {m['complement_accuracy']:.3f}",
+        acc = " / ".join(f"{m[f'{w}_accuracy']:.3f}" for w in ("full", "sheaf", "complement"))
+        if "sheaf_balanced_accuracy" in m:  # skewed answers: the balanced accuracy is the one the floor also needs
+            acc += " (balanced " + " / ".join(f"{m[f'{w}_balanced_accuracy']:.3f}"
+                                              for w in ("full", "sheaf", "complement")) + ")"
+        out.append(head + [_density(r["density"]), acc,
                            _num(m.get("kl"), ".3f"), t.get("steps"), f"{r['wall_seconds']:.1f}",
                            _gib(r.get("peak_rss_mb")), r.get("threads")])
     return _table(["run", "model", "task", "schedule", "recipe", "kept", "test accuracy full / sheaf / complement",

@@ -22,16 +22,16 @@ def add_discover_options(p: argparse.ArgumentParser, *, required: bool = True) -
                         "edges); --config and flags override it")
     p.add_argument("--keep", type=float, help="the floor: share of the full model's accuracy to keep (default 0.95)")
     p.add_argument("--recipe", choices=list(RECIPES),
-                   help="how the masks train toward --target-density: concrete (DiscoGP's gate and CE, all types "
-                        "together; default), sigmoid (noise-free gate, margin loss, attribution init, secant edge "
-                        "gradient) or discogp (DiscoGP's staged weights-then-edges)")
+                   help="how the masks train toward --target-density: joint (default: all types together, a "
+                        "noise-free gate, margin loss, attribution init, secant edge gradient) or discogp (DiscoGP's "
+                        "staged weights-then-edges, its concrete gate and CE)")
     p.add_argument("--steps", type=int)
     p.add_argument("--batch-size", dest="batch_size", type=int)
     p.add_argument("--lr", type=float)
     p.add_argument("--precision", choices=list(PRECISIONS),
                    help="arithmetic of the training passes with --target-density: fp32 (default) or bf16 (about a "
                         "fifth less time a step where the machine has bf16, e.g. AMX; it lost IOI's 5%%/5%% sheaf "
-                        "with --recipe sigmoid); evaluations and the kept sheaf are always fp32")
+                        "in the joint recipe); evaluations and the kept sheaf are always fp32")
     p.add_argument("--eval-every", dest="eval_every", type=int, help="steps between dev evaluations (best-sheaf tracking)")
     p.add_argument("--seed", type=int)
     p.add_argument("--max-minutes", dest="max_minutes", type=float, help="wall-clock budget for discovery")

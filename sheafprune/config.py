@@ -49,17 +49,15 @@ class Recipe:
     rank_within: str
 
 
-# The two joint recipes that have kept a task at 5% of the weights and 5% of the edges on SmolLM2 (every other
-# setting of these lost on IOI or anaphor, docs/weight-edge-experiments.md, so they are not separate options), and
-# DiscoGP's own, to reproduce the paper.
+# How target mode trains: one joint recipe, and DiscoGP's own to reproduce the paper. Every other setting of these
+# lost on IOI or anaphor at 5% of the weights and 5% of the edges on SmolLM2 (docs/weight-edge-experiments.md), so
+# they are not options; DiscoGP's concrete gate and CE in the joint schedule lost IOI (chance)
+# and anaphor alike, where the joint recipe below keeps IOI.
 RECIPES: dict[str, Recipe] = {
-    # DiscoGP's gate and loss, the noise annealed 1 -> 0.25 (it kept anaphor, though not on every trajectory).
-    "concrete": Recipe(schedule="joint", gate="concrete", faith_loss="ce", edge_grad="gradient", init="constant",
-                       init_spread=1.0, noise_start=1.0, noise_final=0.25, rank_within="type"),
     # Noise-free, so an entry fades out over several steps and the loss sees what losing it costs: SmolLM2 breaks on
-    # IOI once a random 7% of its weights or edges is gone, which the concrete gate samples at every step (IOI's).
-    "sigmoid": Recipe(schedule="joint", gate="sigmoid", faith_loss="margin", edge_grad="secant", init="attribution",
-                      init_spread=2.0, noise_start=0.5, noise_final=0.02, rank_within="tensor"),
+    # IOI once a random 7% of its weights or edges is gone, which the concrete gate samples at every step.
+    "joint": Recipe(schedule="joint", gate="sigmoid", faith_loss="margin", edge_grad="secant", init="attribution",
+                    init_spread=2.0, noise_start=0.5, noise_final=0.02, rank_within="tensor"),
     # DiscoGP's: staged, its concrete gate at noise scale 1, CE, constant initial logits.
     "discogp": Recipe(schedule="staged", gate="concrete", faith_loss="ce", edge_grad="gradient", init="constant",
                       init_spread=1.0, noise_start=1.0, noise_final=1.0, rank_within="type"),
@@ -74,7 +72,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 # Options that take one of a few names, with the names they take.
 # Arithmetic of the target-mode training passes (discovery/step.py): fp32, or bf16 autocast (about a fifth less time
-# a step on an AMX CPU, but on SmolLM2/IOI with --recipe sigmoid it lost the 5%/5% sheaf that fp32 keeps:
+# a step on an AMX CPU, but on SmolLM2/IOI with the joint recipe it lost the 5%/5% sheaf that fp32 keeps:
 # docs/step-cost.md). Evaluations, and so every sheaf judged or kept, are always fp32.
 PRECISIONS = ("fp32", "bf16")
 _CHOICES = {"recipe": tuple(RECIPES), "precision": PRECISIONS}
@@ -93,7 +91,7 @@ class DiscoverConfig:
     # least `keep` x the full model's. The keep search judges it on dev + select; export checks it on test.
     keep: float = 0.95
     # With density targets: how the masks train (RECIPES above; cfg.recipe_settings).
-    recipe: str = "concrete"
+    recipe: str = "joint"
     steps: int = 300  # optimizer steps (each stage gets all of them in the staged schedule)
     batch_size: int = 32  # global batch, split across processes
     # Learning rate of the mask logits. In the joint schedule it decays linearly after the density ramp to a tenth

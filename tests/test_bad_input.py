@@ -115,7 +115,7 @@ def test_candidates_that_tokenize_to_nothing(capsys, work, gpt2):
     (["--granularity", "weight,layer"], r"unknown granularity layer; use any of weight,neuron,head,edge"),
     (["--granularity", ","], r"unknown granularity \(empty\)"),
     (["--recipe", "relu"], r"invalid choice: 'relu'"),
-    (["--recipe", "sigmoid"], r"--recipe sigmoid trains toward --target-density"),
+    (["--recipe", "joint"], r"--recipe joint trains toward --target-density"),
     (["--preset", "paper"], r"invalid choice: 'paper'"),
     (["--steps", "many"], r"invalid int value: 'many'"),
 ])
@@ -135,7 +135,7 @@ def test_config_file_problems(capsys, work):
     refused(capsys, [*base, work / "neg.yaml"], match=r"--checkpoint-every must be a positive integer", root=work)
     (work / "type.yaml").write_text("steps: lots\n")
     refused(capsys, [*base, work / "type.yaml"], match=r"steps", root=work)
-    for text, match in [("recipe: margin\n", r"unknown recipe 'margin'; use one of concrete, sigmoid"),
+    for text, match in [("recipe: margin\n", r"unknown recipe 'margin'; use one of joint, discogp"),
                         ("faith_loss: kl\n", r"unknown config key\(s\) faith_loss; known: "),
                         ("control: project\n", r"unknown config key\(s\) control; known: ")]:
         (work / "opt.yaml").write_text(text)

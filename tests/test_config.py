@@ -39,7 +39,7 @@ def test_presets_sit_between_defaults_and_the_yaml_file_and_flags(tmp_path):
     yaml_file.write_text("preset: discogp\nsteps: 7\ngranularity: [weight]\n")
     from_yaml = resolve_config(yaml_path=yaml_file)
     assert (from_yaml.schedule, from_yaml.granularity, from_yaml.steps) == ("staged", ("weight",), 7)
-    flagged = resolve_config(yaml_path=yaml_file, overrides={"steps": 9, "recipe": "concrete", "target_density": "weight=0.1"},
+    flagged = resolve_config(yaml_path=yaml_file, overrides={"steps": 9, "recipe": "joint", "target_density": "weight=0.1"},
                              preset="default")
     assert (flagged.schedule, flagged.granularity, flagged.steps) == ("joint", ("weight",), 9)
     assert "preset" not in flagged.to_dict()

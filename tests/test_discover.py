@@ -232,19 +232,19 @@ def test_a_ramp_that_outlasts_the_budget_is_warned_of_once(monkeypatch, capsys):
 
 
 @pytest.mark.parametrize("model", ["tiny-gpt2", "tiny-llama"])
-def test_sigmoid_recipe_trains_reproducibly_to_the_target(model):
-    """The sigmoid recipe (noise-free gate annealed 0.5 -> 0.02, margin loss, attribution init, secant edge
-    gradient through LayerNorm and RMSNorm readers): the run meets its targets, repeats bit for bit with the same
-    seed, and learns other masks than the concrete recipe."""
+def test_joint_recipe_trains_reproducibly_to_the_target(model):
+    """The joint recipe (noise-free gate annealed 0.5 -> 0.02, margin loss, attribution init, secant edge gradient
+    through LayerNorm and RMSNorm readers), the default: the run meets its targets, repeats bit for bit with the same
+    seed, and learns other masks than DiscoGP's staged recipe on the same budget."""
     kw = dict(model=model, steps=20, early_stop=False, target_density="weight=0.3,edge=0.3")
-    a, b = (discover(cfg(**kw, recipe="sigmoid"), progress=False) for _ in range(2))
-    concrete = discover(cfg(**kw), progress=False)
+    a, b = (discover(cfg(**kw), progress=False) for _ in range(2))
+    paper = discover(cfg(**kw, recipe="discogp"), progress=False)
     d = a.density()
     assert d["weight"] <= 0.3 * 1.02 and d["edge"] <= 0.3 * 1.02, f"densities {d} missed target 0.3"
     assert all(torch.equal(a.logits[k], b.logits[k]) for k in a.logits), "same seed, different logits"
     edges = [k for k in a.logits if k.startswith("edge/")]
-    assert any(not torch.equal(a.logits[k], concrete.logits[k]) for k in edges), "both recipes trained the same edges"
-    assert a.meta["config"]["recipe"] == "sigmoid" and concrete.meta["config"]["recipe"] == "concrete"
+    assert any(not torch.equal(a.logits[k], paper.logits[k]) for k in edges), "both recipes trained the same edges"
+    assert a.meta["config"]["recipe"] == "joint" and paper.meta["config"]["recipe"] == "discogp"
 
 
 def test_margin_loss_is_the_logit_difference_and_does_not_saturate():
@@ -268,7 +268,7 @@ def test_margin_loss_is_the_logit_difference_and_does_not_saturate():
 def test_unknown_recipe_and_recipe_settings_are_user_errors():
     from sheafprune.errors import UserError
 
-    with pytest.raises(UserError, match="unknown recipe 'hinge'; use one of concrete, sigmoid"):
+    with pytest.raises(UserError, match="unknown recipe 'hinge'; use one of joint, discogp"):
         cfg(recipe="hinge")
     with pytest.raises(UserError, match=r"unknown config key\(s\) edge_grad"):
         cfg(edge_grad="secant")
@@ -302,8 +302,8 @@ def test_same_seed_same_masks_other_seed_other_masks():
     assert any(not torch.equal(a.logits[k], c.logits[k]) for k in a.logits), "seed had no effect"
 
 
-# the joint schedule (nsgd) from attribution-ranked logits (the sigmoid recipe); the staged preset (AdamW)
-@pytest.mark.parametrize("opts", [dict(recipe="sigmoid", early_stop=False),
+# the joint schedule (nsgd) from attribution-ranked logits (the default recipe); the staged preset (AdamW)
+@pytest.mark.parametrize("opts", [dict(early_stop=False),
                                   dict(recipe="discogp", granularity="weight,edge", steps=6,
                                        target_density="", early_stop=False)])
 def test_resume_after_interrupt_equals_uninterrupted(tmp_path, monkeypatch, opts):
@@ -359,7 +359,7 @@ def test_cli_discover_writes_valid_sheaf(tmp_path):
     assert len(sheaf.curve) == sheaf.meta["training"]["steps"] and "sheaf written" in r.stdout
 
 
-@pytest.mark.parametrize("recipe", ["concrete", "sigmoid"])
+@pytest.mark.parametrize("recipe", ["joint", "discogp"])
 def test_two_processes_equal_one_process(tmp_path, recipe):
     """The same global batch split over two gloo CPU processes gives the one-process masks."""
     args = ["discover", "--model", "tiny-llama", "--task", "ioi", "--n-items", "80", "--steps", "6",

@@ -1,6 +1,6 @@
 """bf16 training passes (`--precision bf16`, discovery/step.py): how close a bf16 pass of the masked forward is to the
 fp32 one, in scores and in the mask gradients that training follows. Every check prints its difference. (Close per
-pass is not the same trajectory: on SmolLM2/IOI with the sigmoid recipe a bf16 run lost the sheaf fp32 keeps.)"""
+pass is not the same trajectory: on SmolLM2/IOI with the joint recipe a bf16 run lost the sheaf fp32 keeps.)"""
 
 from __future__ import annotations
 
@@ -64,15 +64,17 @@ def test_bf16_pass_follows_fp32(name, edge_grad):
     assert min(cos.values()) >= 0.99, f"bf16 mask gradients vs fp32: cosine {cos}"
 
 
-@pytest.mark.parametrize("recipe", ["concrete", "sigmoid"])
+@pytest.mark.parametrize("recipe", ["joint", "discogp"])
 def test_bf16_discovery_runs_and_says_so(recipe, monkeypatch, capsys):
-    """A whole target-mode run with --precision bf16 (both stack paths: the secant keeps its stack fp32) trains,
-    evaluates in fp32 and records the precision it trained in."""
+    """A whole target-mode run with --precision bf16 (both stack paths: the joint recipe's secant keeps its stack
+    fp32, DiscoGP's plain gradient runs it in bf16) trains, evaluates in fp32 and records the precision it trained
+    in."""
     from sheafprune.discovery import discover, verb
 
     monkeypatch.setattr(verb, "native_bf16", lambda: False)  # the warning a CPU without bf16 instructions gets
     cfg = resolve_config(overrides=dict(model="tiny-llama", task="ioi", n_items=80, steps=6, batch_size=8,
-                                        target_density="weight=0.3,edge=0.3", recipe=recipe, precision="bf16"))
+                                        target_density="weight=0.3,edge=0.3" if recipe == "joint" else "",
+                                        granularity="weight,edge", recipe=recipe, precision="bf16"))
     sheaf = discover(cfg, progress=False)
     assert sheaf.meta["training"]["precision"] == "bf16" and sheaf.meta["config"]["precision"] == "bf16"
     assert all(torch.isfinite(v).all() for v in sheaf.logits.values())

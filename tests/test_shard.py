@@ -61,7 +61,7 @@ def test_sharded_pieces_equal_unsharded_in_two_processes():
 
 def test_one_process_shard_masks_runs_the_sharded_code_with_one_shard():
     base = dict(model="tiny-gpt2", task="ioi", n_items=80, steps=8, batch_size=8, eval_every=4,
-                target_density="weight=0.3,edge=0.3", recipe="sigmoid")
+                target_density="weight=0.3,edge=0.3")
     a = discover(resolve_config(overrides=base), progress=False)
     b = discover(resolve_config(overrides={**base, "shard_masks": True}), progress=False)
     assert all(torch.equal(a.logits[k], b.logits[k]) for k in a.logits)

@@ -128,10 +128,6 @@ def initial_density(cfg: DiscoverConfig) -> float:
     return float(GATES[cfg.recipe_settings.gate].p_keep(grid, scale).mean())  # attribution: logits uniform in c +- a
 
 
-def straight_through_taus(cfg: DiscoverConfig) -> dict[str, float]:
-    """The straight-through temperature of each mask type. Weight gates: DiscoGP's 0.01, except in the joint
-    schedule with annealed noise, where a 0.01 gate would have a gradient only within ~0.1 of logit 0 (measured on
-    SmolLM2/IOI: the weight masks then froze at their initial ranking and the sheaf never recovered), so 1.
-    Node masks (neurons, heads) are few and coarse like edges: they get the edge temperature, 1."""
-    annealed = cfg.schedule == "joint" and cfg.recipe_settings.noise_final < 1.0
-    return {"weight": 1.0 if annealed else 0.01, "neuron": 1.0, "head": 1.0, "edge": 1.0}
+# The concrete gate's straight-through temperature of each mask type (the sigmoid gate has none): DiscoGP's 0.01 for
+# weights; node masks (neurons, heads) are few and coarse like edges, and get the edge temperature, 1.
+STRAIGHT_THROUGH_TAUS = {"weight": 0.01, "neuron": 1.0, "head": 1.0, "edge": 1.0}

@@ -21,8 +21,8 @@ from ..graph import mask_type
 from .data import RankData
 from .masks import MaskLogits, deterministic_masks, rank_group
 from .objective import FAITH_LOSSES, completeness, task_scores
-from .schedule import (Stage, initial_density, lr_at, noise_scale, paper_lambda, plan_stages, stage_at,
-                       straight_through_taus, targets_at)
+from .schedule import (STRAIGHT_THROUGH_TAUS, Stage, initial_density, lr_at, noise_scale, paper_lambda,
+                       plan_stages, stage_at, targets_at)
 
 # AdamW's second-moment decay (the staged preset): a shorter memory than 0.999, since straight-through gradients of
 # tau = 0.01 gates are rare spikes.
@@ -107,7 +107,7 @@ class TrainStep:
         self.acc, self.work_dir = accelerator, work_dir
         self.stages = plan_stages(cfg)
         self.start_density = initial_density(cfg)
-        self.taus = straight_through_taus(cfg)
+        self.taus = STRAIGHT_THROUGH_TAUS
         # bf16 training passes (--precision bf16): the matmuls run in bf16 and the writer stack holds bf16 rows;
         # attention, the norms' statistics, the LM head and the losses stay fp32 (masked.py). Evaluations never
         # autocast: every sheaf judged is fp32's.

@@ -51,8 +51,8 @@ class Recipe:
 
 # How target mode trains: one joint recipe, and DiscoGP's own to reproduce the paper. Every other setting of these
 # lost on IOI or anaphor at 5% of the weights and 5% of the edges on SmolLM2 (docs/weight-edge-experiments.md), so
-# they are not options; DiscoGP's concrete gate and CE in the joint schedule lost IOI (chance)
-# and anaphor alike, where the joint recipe below keeps IOI.
+# they are not options; DiscoGP's concrete gate and CE in the joint schedule lost IOI (chance) and anaphor alike,
+# where the joint recipe below keeps IOI.
 RECIPES: dict[str, Recipe] = {
     # Noise-free, so an entry fades out over several steps and the loss sees what losing it costs: SmolLM2 breaks on
     # IOI once a random 7% of its weights or edges is gone, which the concrete gate samples at every step.
